@@ -1,0 +1,12 @@
+"""lskd: layer-specific knowledge distillation for class-incremental semantic segmentation.
+
+``lskd.ops`` holds the fused distillation operators (functional), ``lskd.nn``
+the same as modules, ``lskd.reference`` their plain PyTorch definitions.
+"""
+from . import _extension  # noqa: F401  (loads lskd._C or warns once)
+from . import nn, ops, reference
+from .ops import available_backends, md_masks, pod_distill, sop_distill
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "nn", "reference", "pod_distill", "sop_distill", "md_masks", "available_backends", "__version__"]

@@ -1,0 +1,19 @@
+"""Functional API: the fused LSKD distillation operators.
+
+``pod_distill`` (Local POD / MD), ``sop_distill`` (MCD) and ``md_masks``,
+each with ``backend="auto" | "reference" | "cpu" | "cuda" | "triton"``.
+"""
+from ._backends import BACKENDS, available_backends
+from .md_masks import batched_quantile, md_masks, md_statistics
+from .pod_distill import pod_distill
+from .sop_distill import sop_distill
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "pod_distill",
+    "sop_distill",
+    "md_masks",
+    "md_statistics",
+    "batched_quantile",
+]

@@ -1,0 +1,139 @@
+"""md_masks: the spatial and channel masks of mask-guided distillation (SPEC 2.3).
+
+The statistics (cosine maps and channel-mean gaps of the teacher's features on
+the image, on the image with background/old pixels erased and on the image
+with new pixels erased) come from one fused pass: reference
+lskd.reference.md_statistics, CPU kernel csrc/cpu/md_stats.cpp, CUDA kernel
+csrc/cuda/md_stats.cu, Triton kernel kernels/md_stats.py. The per-image
+quantiles are then taken in batch, in PyTorch, without host synchronisation.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .. import _extension, reference
+from .._validation import check_features
+from ._backends import on_triton_load, resolve_backend
+
+__all__ = ["md_masks", "md_statistics", "batched_quantile"]
+
+
+def _fake_stats(feat, feat_bg_erased, feat_new_erased, eps):
+    n, c, h, w = feat.shape
+    acc = torch.float64 if feat.dtype == torch.float64 else torch.float32
+    return (
+        feat.new_empty((n, h, w), dtype=acc),
+        feat.new_empty((n, h, w), dtype=acc),
+        feat.new_empty((n, c), dtype=acc),
+        feat.new_empty((n, c), dtype=acc),
+    )
+
+
+def _register(ns: str) -> None:
+    torch.library.register_fake(f"{ns}::md_stats")(_fake_stats)
+
+
+if _extension.has_cpu_kernels():
+    _register("lskd")
+on_triton_load(lambda: _register("lskd_triton"))
+
+
+def batched_quantile(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Per-row quantile with linear interpolation, like ``torch.quantile``.
+
+    ``values [N, L]``, ``q [N]`` in [0, 1] -> ``[N]``. Rows holding a NaN give
+    NaN. Same arithmetic as torch.quantile (rank ``q * (L - 1)``, lerp), so
+    the thresholds are bitwise those of the per-image released code.
+    """
+    ordered = values.sort(dim=1).values
+    ranks = q.to(values.dtype) * (values.shape[1] - 1)
+    below = ranks.floor()
+    lo = below.long().unsqueeze(1)
+    hi = ranks.ceil().long().unsqueeze(1)
+    out = torch.lerp(ordered.gather(1, lo), ordered.gather(1, hi), (ranks - below).unsqueeze(1)).squeeze(1)
+    return torch.where(values.isnan().any(dim=1), torch.full_like(out, float("nan")), out)
+
+
+def md_statistics(
+    feat: torch.Tensor,
+    feat_bg_erased: torch.Tensor,
+    feat_new_erased: torch.Tensor,
+    eps: float = 1e-8,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused statistics: ``(cos_bg [N, H, W], cos_new [N, H, W], gap_bg [N, C], gap_new [N, C])``.
+
+    See :func:`lskd.reference.md_statistics` for the definitions.
+    """
+    op = "md_masks"
+    check_features(op, feat=feat, feat_bg_erased=feat_bg_erased, feat_new_erased=feat_new_erased)
+    impl = resolve_backend(op, backend, feat.device)
+    a, cb, dn = feat.detach(), feat_bg_erased.detach(), feat_new_erased.detach()
+    if impl == "reference":
+        return reference.md_statistics(a, cb, dn, eps)
+    ops = torch.ops.lskd_triton if impl == "triton" else torch.ops.lskd
+    return ops.md_stats(a, cb, dn, float(eps))
+
+
+def md_masks(
+    feat: torch.Tensor,
+    feat_bg_erased: torch.Tensor,
+    feat_new_erased: torch.Tensor,
+    labels: torch.Tensor,
+    old_classes: int,
+    ignore_index: int = 255,
+    eps: float = 1e-8,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Spatial and channel masks of LSKD's mask-guided distillation (SPEC 2.3).
+
+    Args:
+        feat: teacher features on the input, ``[N, C, H, W]``.
+        feat_bg_erased: teacher features on the input with background/old pixels
+            (label < old_classes) set to 0 in the normalised image, same shape.
+        feat_new_erased: teacher features on the input with new pixels
+            (old_classes <= label != ignore_index) erased, same shape.
+        labels: ``[N, Hl, Wl]`` integer labels of the current step (any resolution).
+        old_classes: O, the number of background + old classes (>= 1).
+        ignore_index: the ignore label (255).
+        eps: cosine-similarity epsilon.
+        backend: backend of the fused statistics ("auto", "reference", "cpu", "cuda", "triton").
+
+    Returns:
+        ``(spatial_mask [N, 1, H, W] bool, channel_mask [N, C] bool)`` where
+        ``M = [cos_bg >= Q(cos_bg, rho_old)] | [cos_new <= Q(cos_new, rho_new)]``,
+        ``Nc = [gap_bg >= Q(gap_bg, rho_old)] | [gap_new <= Q(gap_new, rho_new)]``,
+        Q the per-image quantile, ``rho_old`` and ``rho_new`` the fractions of old
+        and new label pixels (ignored pixels count in the denominator).
+    """
+    op = "md_masks"
+    first = check_features(op, feat=feat, feat_bg_erased=feat_bg_erased, feat_new_erased=feat_new_erased)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{op}: labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{op}: labels must be an integer tensor, got {labels.dtype}")
+    if labels.dim() != 3 or labels.shape[0] != first.shape[0] or labels.numel() == 0:
+        raise ValueError(
+            f"{op}: labels must have shape [N, Hl, Wl] with N = {first.shape[0]}, got {list(labels.shape)}"
+        )
+    if labels.device != first.device:
+        raise ValueError(f"{op}: labels are on {labels.device} but the features are on {first.device}")
+    if isinstance(old_classes, bool) or not isinstance(old_classes, int) or old_classes < 1:
+        raise ValueError(f"{op}: old_classes must be an int >= 1 (background counts), got {old_classes!r}")
+
+    cos_bg, cos_new, gap_bg, gap_new = md_statistics(feat, feat_bg_erased, feat_new_erased, eps, backend)
+    n, c, h, w = feat.shape
+    total = labels[0].numel()
+    is_old = labels < old_classes
+    rho_old = is_old.sum(dim=(1, 2)) / total
+    rho_new = (~is_old & (labels != ignore_index)).sum(dim=(1, 2)) / total
+    flat_bg, flat_new = cos_bg.reshape(n, -1), cos_new.reshape(n, -1)
+    spatial = (flat_bg >= batched_quantile(flat_bg, rho_old)[:, None]) | (
+        flat_new <= batched_quantile(flat_new, rho_new)[:, None]
+    )
+    channel = (gap_bg >= batched_quantile(gap_bg, rho_old)[:, None]) | (
+        gap_new <= batched_quantile(gap_new, rho_new)[:, None]
+    )
+    return spatial.reshape(n, 1, h, w), channel

@@ -1,0 +1,109 @@
+"""sop_distill: second-order context pooling distance (MCD).
+
+Reference: lskd.reference.sop_distances. CPU kernel: csrc/cpu/sop_distill.cpp.
+CUDA kernel: csrc/cuda/sop_distill.cu. Triton kernel: kernels/sop_distill.py.
+Schema: csrc/ops.cpp. Fake kernels and autograd are registered here for the
+C++ ("lskd::") and Triton ("lskd_triton::") ops.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _extension, reference
+from .._validation import acc_dtype, check_features, check_reduction, prepare_masks, reduce, sop_geometry
+from ._backends import on_triton_load, resolve_backend
+
+__all__ = ["sop_distill"]
+
+
+def _fake_forward(student, teacher, spatial_mask, channel_mask, groups, window, stride, padding):
+    n, c, h, w = student.shape
+    ho = (h + 2 * padding[0] - window[0]) // stride[0] + 1
+    wo = (w + 2 * padding[1] - window[1]) // stride[1] + 1
+    acc = acc_dtype(student.dtype)
+    k = c // groups
+    return student.new_empty((n,), dtype=acc), student.new_empty((n, groups * k, ho, wo), dtype=acc)
+
+
+def _fake_backward(grad_dist, student, spatial_mask, channel_mask, dist, pooled_grad, groups, window, stride, padding):
+    return torch.empty_like(student)
+
+
+def _register(ns: str) -> None:
+    forward = f"{ns}::sop_forward"
+    backward_op = getattr(torch.ops, ns).sop_backward
+
+    torch.library.register_fake(forward)(_fake_forward)
+    torch.library.register_fake(f"{ns}::sop_backward")(_fake_backward)
+
+    def setup_context(ctx, inputs, output):
+        student, _teacher, spatial_mask, channel_mask, groups, window, stride, padding = inputs
+        dist, pooled_grad = output
+        ctx.save_for_backward(student, spatial_mask, channel_mask, dist, pooled_grad)
+        ctx.geometry = (int(groups), list(window), list(stride), list(padding))
+
+    def backward(ctx, grad_dist, _grad_pooled):
+        student, spatial_mask, channel_mask, dist, pooled_grad = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = backward_op(grad_dist.contiguous(), student, spatial_mask, channel_mask, dist, pooled_grad, *ctx.geometry)
+        return grad, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(forward, backward, setup_context=setup_context)
+
+
+if _extension.has_cpu_kernels():
+    _register("lskd")
+on_triton_load(lambda: _register("lskd_triton"))
+
+
+def sop_distill(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    spatial_mask: Optional[torch.Tensor] = None,
+    channel_mask: Optional[torch.Tensor] = None,
+    groups: int = 20,
+    window: Optional[int] = 5,
+    stride: int = 2,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Second-order (outer-product) pooling distance, MCD (SPEC 2.2).
+
+    Channels are split into ``groups`` groups of ``k = C // groups`` channels
+    (the last ``C - groups * k`` are left out). Each group is average-pooled
+    with a ``window`` x ``window`` window, ``stride`` and padding
+    ``window // 2`` (divisor ``window**2``, padding counted); ``window=None``
+    pools globally (a covariance context). At every pooled position the
+    student's k-vector p and the teacher's q give ``||p p^T - q q^T||_F^2``,
+    computed without forming k x k matrices; ``d`` is the square root of the sum.
+
+    Args:
+        student, teacher: ``[N, C, H, W]``, as in :func:`pod_distill`.
+        spatial_mask: optional ``[N, 1, H, W]`` bool/float mask; channel_mask: optional ``[N, C]``.
+        groups: number of channel groups, 1 <= groups <= C (default 20 as released).
+        window, stride: pooling window and stride in pixels (default 5 and 2).
+        reduction: "mean" (default), "sum" or "none" (``[N]``).
+        backend: "auto", "reference", "cpu", "cuda" or "triton".
+
+    Returns:
+        The distance per image, reduced, in float32 (float64 for float64 inputs).
+    """
+    op = "sop_distill"
+    check_features(op, student=student, teacher=teacher)
+    n, c, h, w = student.shape
+    win, strd, pad = sop_geometry(op, c, h, w, groups, window, stride)
+    check_reduction(op, reduction)
+    m, k = prepare_masks(op, student, spatial_mask, channel_mask)
+    impl = resolve_backend(op, backend, student.device)
+    if impl == "reference":
+        acc = acc_dtype(student.dtype)
+        dist = reference.sop_distances(
+            student.to(acc), teacher.to(acc), None if m is None else m[:, None], k, groups, window, stride
+        )
+    else:
+        ops = torch.ops.lskd_triton if impl == "triton" else torch.ops.lskd
+        dist, _ = ops.sop_forward(student, teacher.detach(), m, k, int(groups), list(win), list(strd), list(pad))
+    return reduce(dist, reduction)
