@@ -91,7 +91,7 @@ def _extensions():
     sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "ops.cpp")))]
     sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     define_macros: list = []
     extra_link = ["-fopenmp"]
     if want_cuda:
@@ -110,7 +110,7 @@ def _extensions():
             sources,
             include_dirs=include_dirs,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-std=c++20"]},
             extra_link_args=extra_link,
         )
     else:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -53,18 +52,20 @@ def load_error() -> Optional[str]:
     return _ERROR
 
 
-@lru_cache(maxsize=None)
 def _has_kernel(op: str, key: str) -> bool:
-    if not _LOADED:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+    return _LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+
+
+# Plain booleans, computed once: torch.compile can read them while tracing.
+_HAS_CPU = _has_kernel("lskd::pod_forward", "CPU")
+_HAS_CUDA = _has_kernel("lskd::pod_forward", "CUDA")
 
 
 def has_cpu_kernels() -> bool:
     """True when lskd._C is loaded (its CPU kernels are always built)."""
-    return _has_kernel("lskd::pod_forward", "CPU")
+    return _HAS_CPU
 
 
 def has_cuda_kernels() -> bool:
     """True when lskd._C was built with its CUDA kernels."""
-    return _has_kernel("lskd::pod_forward", "CUDA")
+    return _HAS_CUDA

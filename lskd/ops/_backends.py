@@ -87,6 +87,7 @@ def _unavailable(backend: str, device: torch.device) -> str:
     return f"unknown backend {backend!r}"
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     """The concrete backend to run ``op`` with on ``device``; raise when unavailable."""
     if backend == "auto":

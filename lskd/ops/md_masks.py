@@ -40,19 +40,39 @@ if _extension.has_cpu_kernels():
 on_triton_load(lambda: _register("lskd_triton"))
 
 
+def _quantile_uses_float64_ranks() -> bool:
+    """Whether this torch's ``torch.quantile`` computes float32 ranks in float64.
+
+    Newer torch versions do (pytorch/pytorch#187574, all devices but MPS), older
+    ones compute ``q * (L - 1)`` in the input dtype. Probed once: the weight of
+    the lerp between 0 and 1 is the rank's fractional part, which differs.
+    """
+    values = torch.zeros(67)
+    values[60:] = 1.0
+    q = torch.tensor(0.9037463665008545)  # rank 59.647...: float32 and float64 fractions differ
+    r64 = q.double() * 66
+    return bool(torch.quantile(values, q) == (r64 - r64.floor()).float())
+
+
+_FLOAT64_RANKS = _quantile_uses_float64_ranks()
+
+
 def batched_quantile(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Per-row quantile with linear interpolation, like ``torch.quantile``.
 
     ``values [N, L]``, ``q [N]`` in [0, 1] -> ``[N]``. Rows holding a NaN give
-    NaN. Same arithmetic as torch.quantile (rank ``q * (L - 1)``, lerp), so
-    the thresholds are bitwise those of the per-image released code.
+    NaN. Same arithmetic as the installed torch.quantile (rank ``q * (L - 1)``
+    in float64 or in the input dtype as that torch does, lerp in the input
+    dtype), so the thresholds are bitwise those of the per-image released code.
     """
     ordered = values.sort(dim=1).values
-    ranks = q.to(values.dtype) * (values.shape[1] - 1)
+    rank_dtype = torch.float64 if _FLOAT64_RANKS and values.device.type != "mps" else values.dtype
+    ranks = q.to(values.dtype).to(rank_dtype) * (values.shape[1] - 1)
     below = ranks.floor()
     lo = below.long().unsqueeze(1)
     hi = ranks.ceil().long().unsqueeze(1)
-    out = torch.lerp(ordered.gather(1, lo), ordered.gather(1, hi), (ranks - below).unsqueeze(1)).squeeze(1)
+    weight = (ranks - below).to(values.dtype).unsqueeze(1)
+    out = torch.lerp(ordered.gather(1, lo), ordered.gather(1, hi), weight).squeeze(1)
     return torch.where(values.isnan().any(dim=1), torch.full_like(out, float("nan")), out)
 
 
