@@ -1,0 +1,53 @@
+# Set-up and everyday commands. Every target creates what it needs first, so
+# `make demo` and `make test` work on a fresh machine.
+#
+#   make demo    the main job (see README)
+#   make test    build, then the test suite (what CI runs)
+#   make bench   CPU benchmarks (pytest-benchmark), JSON in benches/results/
+#   make build   (re)build lskd._C into the venv
+#   make clean   remove build outputs (keeps .venv)
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.14.1
+# Build the CUDA kernels when a CUDA toolkit is present (they must compile in CI
+# even without a GPU); set LSKD_NO_CUDA=1 to skip them.
+CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
+ifneq ($(CUDA_HOME),)
+ifeq ($(LSKD_NO_CUDA),)
+BUILD_ENV := CUDA_HOME=$(CUDA_HOME) FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}"
+endif
+endif
+MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+STAMP_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: venv build test test-fast demo bench clean
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" numpy ninja pytest pytest-benchmark hypothesis expecttest tqdm matplotlib pillow
+	touch $@
+
+venv: $(VENV)/.deps
+
+$(VENV)/.built: $(VENV)/.deps $(STAMP_SOURCES)
+	$(BUILD_ENV) MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import lskd, lskd._C; print('lskd backends (cpu):', lskd.available_backends('cpu'))"
+	touch $@
+
+build: $(VENV)/.built
+
+test: $(VENV)/.built
+	$(PY) -m pytest tests -q -ra
+
+demo: $(VENV)/.built
+	$(PY) examples/drop_in_losses.py
+
+bench: $(VENV)/.built
+	mkdir -p benches/results
+	$(PY) -m pytest benches -q --benchmark-only --benchmark-json=benches/results/cpu-latest.json
+
+clean:
+	rm -rf build *.egg-info lskd/_C*.so lskd/_build_info.py $(VENV)/.built

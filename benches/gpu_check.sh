@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# GPU check in one go, for an H100/H200 machine with its own torch and no
+# network: build lskd._C (CPU + CUDA kernels) against that torch, run the CUDA
+# self-test and the GPU tests, run the GPU benchmarks, write everything into
+# $OUT (default benches/results/gpu-run) and print a short table last.
+#
+#   bash benches/gpu_check.sh            # all stages, about 6-8 minutes
+#   STAGES="build bench" bash benches/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benches/results/gpu-run}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+STAGES=${STAGES:-"build selftest tests bench"}
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FORCE_CUDA=1
+status=0
+stage() { case " $STAGES " in *" $1 "*) return 0;; *) return 1;; esac; }
+log() { echo "== $(date +%T) $*"; }
+
+log "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
+
+if stage build; then
+  log "build (MAX_JOBS=$MAX_JOBS, arch $TORCH_CUDA_ARCH_LIST)"
+  t0=$(date +%s)
+  if ! timeout 300 $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1; then
+    echo "pip -e failed; building in place"; tail -20 "$OUT/build.log"
+    timeout 300 $PY setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+  fi
+  log "built in $(( $(date +%s) - t0 )) s"
+  $PY -c "import lskd; print('backends on cuda:', lskd.available_backends('cuda'))" 2>&1 | tee -a "$OUT/build.log"
+fi
+
+if stage selftest; then
+  log "CUDA self-test"
+  timeout 180 $PY benches/cuda_selftest.py 2>&1 | tee "$OUT/selftest.log" | grep -vE "^PASS" | tail -40
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  grep -c "^PASS" "$OUT/selftest.log" | sed 's/^/self-test PASS lines: /'
+fi
+
+if stage tests; then
+  log "GPU tests"
+  LSKD_EXPECT_GPU_BACKENDS=cuda,triton timeout 240 $PY -m pytest tests -m gpu -q -x -p no:cacheprovider \
+      --junitxml="$OUT/gpu-tests.xml" 2>&1 | tail -25 | tee "$OUT/gpu-tests.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
+if stage bench; then
+  log "GPU benchmarks"
+  timeout 330 $PY -m pytest benches -q -p no:cacheprovider --benchmark-only \
+      --benchmark-json="$OUT/bench.json" ${BENCH_K:+-k "$BENCH_K"} > "$OUT/bench.log" 2>&1
+  [ $? = 0 ] || { status=1; tail -30 "$OUT/bench.log"; }
+  [ -f "$OUT/bench.json" ] && $PY benches/summarize.py "$OUT/bench.json" --markdown "$OUT/summary.md"
+fi
+log "done, status $status"
+exit $status

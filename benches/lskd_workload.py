@@ -1,0 +1,129 @@
+"""Benchmark workloads: shapes, inputs, the whole LSKD loss, and byte counts.
+
+Shared by benches/test_bench_ops.py (pytest-benchmark) and benches/summarize.py.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+import lskd
+from lskd import reference
+
+# The six LSKD maps at N = 12, 512 crop (SPEC section 1): stages 1-4, ASPP, logits.
+GPU_MAPS: List[Tuple[int, int, int, int]] = [
+    (12, 256, 128, 128),
+    (12, 512, 64, 64),
+    (12, 1024, 32, 32),
+    (12, 2048, 32, 32),
+    (12, 256, 32, 32),
+    (12, 16, 32, 32),
+]
+# The same maps scaled down for 2-core CPUs (N = 2, a quarter of the side).
+CPU_MAPS: List[Tuple[int, int, int, int]] = [
+    (2, 256, 32, 32),
+    (2, 512, 16, 16),
+    (2, 1024, 8, 8),
+    (2, 2048, 8, 8),
+    (2, 256, 8, 8),
+    (2, 16, 8, 8),
+]
+CPU_EXTRA = [(2, 256, 64, 64)]
+
+MAP_NAMES = ["stage1", "stage2", "stage3", "stage4", "aspp", "logits"]
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available() and os.environ.get("LSKD_BENCH_DEVICE", "cuda") == "cuda"
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if on_gpu() else "cpu")
+
+
+def lskd_maps() -> List[Tuple[int, int, int, int]]:
+    return GPU_MAPS if on_gpu() else CPU_MAPS
+
+
+def make_maps(shapes: Sequence[Tuple[int, int, int, int]], dtype: torch.dtype, seed: int = 0):
+    """Random student/teacher maps (never zeros), MD masks on maps 2-5."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dev = device()
+    students, teachers, spatial, channel = [], [], [], []
+    for i, (n, c, h, w) in enumerate(shapes):
+        s = torch.randn(n, c, h, w, generator=g).to(dev, dtype)
+        t = (s.float() + 0.3 * torch.randn(n, c, h, w, generator=g).to(dev)).to(dtype)
+        students.append(s.requires_grad_())
+        teachers.append(t)
+        spatial.append(torch.rand(n, 1, h, w, generator=g).to(dev) > 0.3 if i >= 2 else None)
+        channel.append(torch.rand(n, c, generator=g).to(dev) > 0.3 if 2 <= i <= 4 else None)
+    return students, teachers, spatial, channel
+
+
+def lskd_loss(students, teachers, spatial, channel, backend: Optional[str]) -> torch.Tensor:
+    """The released LSKD distillation terms over the six maps, fixed weights (SPEC 3).
+
+    Maps 0-1 Local POD, 2-3 MD, 4 MD + MCD, 5 masked Local POD. ``backend=None``
+    runs the eager reference in the inputs' dtype (the released code's baseline).
+    """
+    if backend is None:
+        def pod(a, b, m=None, n=None):
+            return reference.pod_distances(a, b, m, n).mean()
+
+        def sop(a, b, m=None, n=None):
+            return reference.sop_distances(a, b, m, n).mean()
+    else:
+        def pod(a, b, m=None, n=None):
+            return lskd.pod_distill(a, b, m, n, backend=backend)
+
+        def sop(a, b, m=None, n=None):
+            return lskd.sop_distill(a, b, m, n, backend=backend)
+
+    s, t, m, n = students, teachers, spatial, channel
+    loss = 0.01 * (pod(s[0], t[0]) + pod(s[1], t[1]) + pod(s[2], t[2], m[2], n[2]) + pod(s[3], t[3], m[3], n[3]))
+    loss = loss + 0.01 * pod(s[4], t[4], m[4], n[4]) + 0.005 * sop(s[4], t[4], m[4], n[4])
+    loss = loss + 0.0005 * pod(s[5], t[5], m[5], None)
+    return loss
+
+
+def floor_bytes(op: str, shapes, dtype: torch.dtype) -> int:
+    """Bytes the op must move at least (fwd + bwd), per SPEC 2.
+
+    pod_distill: read a and b (forward), read a and write the gradient
+    (backward): 4 passes. sop_distill: read a and b, write the gradient: 3
+    passes (its backward needs only the pooled gradient). md_masks: read the
+    three feature sets once. lskd_loss: 4 passes over every map (the MCD term
+    on map 4 shares the passes of its MD term when fused; counted once).
+    """
+    elem = torch.empty((), dtype=dtype).element_size()
+    numel = sum(n * c * h * w for n, c, h, w in shapes)
+    passes = {"pod_distill": 4, "sop_distill": 3, "md_masks": 3, "lskd_loss": 4}[op]
+    return passes * numel * elem
+
+
+def sync() -> None:
+    if on_gpu():
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth() -> float:
+    """Measured device copy bandwidth in bytes/s (read + write), median of 20 runs."""
+    dev = device()
+    nbytes = (1 << 30) if on_gpu() else (1 << 27)
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
+    y = torch.empty_like(x)
+    times = []
+    import time
+
+    for i in range(25):
+        sync()
+        t0 = time.perf_counter()
+        y.copy_(x)
+        sync()
+        if i >= 5:
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return 2 * nbytes / times[len(times) // 2]

@@ -1,0 +1,83 @@
+"""Turn a pytest-benchmark JSON into the Markdown table of the README.
+
+    python benches/summarize.py results.json [--markdown out.md]
+
+One row per (op, shape, dtype, backend): median time, speed-up over the eager
+reference and over torch.compile of it (same run), bytes floor, achieved GB/s,
+fraction of the measured copy bandwidth, time over the floor, peak extra memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+
+def rows(data):
+    groups = defaultdict(dict)
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        groups[(e["op"], e["shape"], e["dtype"])][e["backend"]] = (b["stats"]["median"], e)
+    out = []
+    for (op, shape, dtype), by_backend in groups.items():
+        eager = by_backend.get("eager", (None,))[0]
+        comp = by_backend.get("compile", (None,))[0]
+        for backend, (median, e) in by_backend.items():
+            out.append(
+                {
+                    "op": op,
+                    "shape": shape,
+                    "dtype": dtype,
+                    "backend": backend,
+                    "ms": median * 1e3,
+                    "vs_eager": eager / median if eager else None,
+                    "vs_compile": comp / median if comp else None,
+                    "floor_ms": e["floor_ms"],
+                    "x_floor": median * 1e3 / e["floor_ms"],
+                    "GBps": e["achieved_GBps"],
+                    "bw_frac": e["fraction_of_copy_bw"],
+                    "peak_MB": e.get("peak_extra_MB"),
+                }
+            )
+    return out
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def table(data) -> str:
+    first = data["benchmarks"][0]["extra_info"] if data["benchmarks"] else {}
+    head = (
+        f"device: {first.get('gpu') or first.get('device')} | torch {first.get('torch')} | "
+        f"measured copy bandwidth {fmt(first.get('copy_bandwidth_GBps'), '.0f')} GB/s\n\n"
+    )
+    lines = [
+        "| op | shape | dtype | backend | median ms | vs eager | vs compile | floor ms | x floor | GB/s | % copy BW | peak extra MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows(data):
+        lines.append(
+            f"| {r['op']} | {r['shape'] if len(r['shape']) < 30 else 'six LSKD maps'} | {r['dtype']} | {r['backend']} | "
+            f"{r['ms']:.3f} | {fmt(r['vs_eager'], '.1f')} | {fmt(r['vs_compile'], '.1f')} | {r['floor_ms']:.3f} | "
+            f"{r['x_floor']:.1f} | {r['GBps']:.1f} | {100 * r['bw_frac']:.0f} | {fmt(r['peak_MB'], '.0f')} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("json", help="pytest-benchmark JSON file")
+    p.add_argument("--markdown", help="also write the table to this file")
+    args = p.parse_args()
+    with open(args.json) as fh:
+        data = json.load(fh)
+    text = table(data)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Forward + backward benchmarks of every backend against the eager reference
+and torch.compile of it, in the same run (pytest-benchmark).
+
+    pytest benches --benchmark-only --benchmark-json=out.json
+    python benches/summarize.py out.json        # the table: speed-ups, floor, GB/s
+
+On a CUDA machine the LSKD shapes at N = 12 are used (LSKD_BENCH_DEVICE=cpu
+forces the CPU); on the CPU the same maps scaled down. Every result carries in
+extra_info the bytes the op must move (its memory floor), the achieved GB/s,
+the fraction of the measured copy bandwidth and, on GPUs, the peak extra memory.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import lskd  # noqa: E402
+import lskd_workload as wl  # noqa: E402
+from lskd import reference  # noqa: E402
+
+DEV = wl.device()
+DTYPES = [torch.float32, torch.bfloat16] if wl.on_gpu() else [torch.float32]
+KERNEL_BACKENDS = [b for b in lskd.available_backends(DEV) if b != "reference"]
+if DEV.type == "cpu":
+    KERNEL_BACKENDS = [b for b in KERNEL_BACKENDS if b != "triton"]  # the interpreter says nothing of speed
+ROUNDS = int(os.environ.get("LSKD_BENCH_ROUNDS", "20" if wl.on_gpu() else "5"))
+_compiled = {}
+
+
+def _shape_id(shape):
+    return "x".join(map(str, shape))
+
+
+def _dtype_id(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _run(benchmark, device_info, op, backend, shapes, dtype, fn, inputs):
+    """Time fn (forward + backward, synchronised) and record the extra_info."""
+
+    def step():
+        for t in inputs:
+            t.grad = None
+        fn()
+        wl.sync()
+
+    for _ in range(2):  # warm-up outside the timer (compilation, autotuning)
+        step()
+    peak_mb = None
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=2, iterations=1)
+    median = benchmark.stats.stats.median
+    nbytes = wl.floor_bytes(op, shapes, dtype)
+    bw = device_info["copy_bandwidth_GBps"] * 1e9
+    benchmark.extra_info.update(
+        op=op,
+        backend=backend,
+        shape=" ".join(_shape_id(s) for s in shapes),
+        dtype=_dtype_id(dtype),
+        floor_bytes=nbytes,
+        floor_ms=nbytes / bw * 1e3,
+        achieved_GBps=nbytes / median / 1e9,
+        fraction_of_copy_bw=nbytes / median / bw,
+        peak_extra_MB=peak_mb,
+        **device_info,
+    )
+
+
+def _backends(with_compile: bool):
+    return ["eager"] + (["compile"] if with_compile else []) + KERNEL_BACKENDS
+
+
+def _loss_fn(kind, backend, key):
+    """A callable computing the loss of `kind` with `backend` ("eager"/"compile" = reference)."""
+    if backend == "eager":
+        return kind
+    if backend == "compile":
+        if key not in _compiled:
+            torch._dynamo.reset()
+            _compiled[key] = torch.compile(kind)
+        return _compiled[key]
+    return None
+
+
+# ---------------------------------------------------------------- pod_distill
+POD_SHAPES = wl.lskd_maps() + ([] if wl.on_gpu() else wl.CPU_EXTRA)
+POD_COMPILE = {wl.lskd_maps()[0]} | ({wl.CPU_EXTRA[0]} if not wl.on_gpu() else set())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("shape", POD_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("backend", _backends(True))
+def test_pod_distill(benchmark, device_info, backend, shape, dtype):
+    if backend == "compile" and shape not in POD_COMPILE:
+        pytest.skip("torch.compile is benchmarked on the largest map only (compile time)")
+    s, t, _, _ = wl.make_maps([shape], dtype)
+    a, b = s[0], t[0]
+
+    def ref():
+        reference.pod_distances(a, b).mean().backward()
+
+    fn = _loss_fn(ref, backend, ("pod", shape, dtype))
+    if fn is None:
+        def fn():
+            lskd.pod_distill(a, b, backend=backend).backward()
+    benchmark.group = f"pod_distill {_shape_id(shape)} {_dtype_id(dtype)}"
+    _run(benchmark, device_info, "pod_distill", backend, [shape], dtype, fn, [a])
+
+
+# ---------------------------------------------------------------- sop_distill
+SOP_SHAPES = [wl.lskd_maps()[4]] + ([] if wl.on_gpu() else wl.CPU_EXTRA)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("shape", SOP_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("backend", _backends(True))
+def test_sop_distill(benchmark, device_info, backend, shape, dtype):
+    s, t, m, n = wl.make_maps([shape], dtype)
+    a, b = s[0], t[0]
+
+    def ref():
+        reference.sop_distances(a, b).mean().backward()
+
+    fn = _loss_fn(ref, backend, ("sop", shape, dtype))
+    if fn is None:
+        def fn():
+            lskd.sop_distill(a, b, backend=backend).backward()
+    benchmark.group = f"sop_distill {_shape_id(shape)} {_dtype_id(dtype)}"
+    _run(benchmark, device_info, "sop_distill", backend, [shape], dtype, fn, [a])
+
+
+# ---------------------------------------------------------------- md_masks
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("backend", ["released", "eager"] + KERNEL_BACKENDS)
+def test_md_masks(benchmark, device_info, backend, dtype):
+    """Masks of the six maps; "released" = per image with torch.quantile, "eager" = batched reference."""
+    shapes = wl.lskd_maps()
+    feats = [wl.make_maps([sh], dtype, seed=i)[0][0].detach() for i, sh in enumerate(shapes)]
+    erased = [(f * 0.5, f + 0.1) for f in feats]
+    labels = torch.randint(0, 21, (shapes[0][0], 64, 64), device=DEV)
+
+    def fn():
+        for f, (cb, dn) in zip(feats, erased):
+            if backend == "released":
+                reference.md_masks(f, cb, dn, labels, 16)
+            else:
+                lskd.md_masks(f, cb, dn, labels, 16, backend="reference" if backend == "eager" else backend)
+
+    benchmark.group = f"md_masks six maps {_dtype_id(dtype)}"
+    _run(benchmark, device_info, "md_masks", backend, shapes, dtype, fn, [])
+
+
+# ---------------------------------------------------------------- whole loss
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("backend", _backends(True))
+def test_lskd_loss(benchmark, device_info, backend, dtype):
+    """The LSKD distillation loss over the six maps (released assignment), fwd + bwd."""
+    shapes = wl.lskd_maps()
+    s, t, m, n = wl.make_maps(shapes, dtype)
+
+    def ref():
+        wl.lskd_loss(s, t, m, n, None).backward()
+
+    fn = _loss_fn(ref, backend, ("loss", dtype))
+    if fn is None:
+        def fn():
+            wl.lskd_loss(s, t, m, n, backend).backward()
+    benchmark.group = f"lskd_loss six maps {_dtype_id(dtype)}"
+    _run(benchmark, device_info, "lskd_loss", backend, shapes, dtype, fn, s)
