@@ -1,0 +1,329 @@
+"""LSKD (Wang et al., IEEE TIP 2024): layer-specific knowledge distillation (SPEC 3).
+
+Terms at step t > 0 (each times its base factor, unweighted; released assignment):
+
+=======  ==========================================================  ======
+name     term                                                        SPEC
+=======  ==========================================================  ======
+ce       CE on PLOP's entropy pseudo-labels x per-image adaptive     L0
+         factor (see :mod:`lskd.methods.plop`)
+mcd      0.005 * sop_distill(map 4, M, Nc)                           L1
+unkd     10 * UNKD (MiB, logits upsampled to the labels)             L2
+pod0/1   0.01 * pod_distill(map 0 / 1), no masks                     L3, L4
+md2/3    0.01 * pod_distill(map 2 / 3, M, Nc)                        L5, L6
+md4      0.01 * pod_distill(map 4, M, Nc)                            L7
+md5      0.0005 * pod_distill(logits map, M)                         L8
+=======  ==========================================================  ======
+
+PLOP's ``sqrt(|C^{0:t}| / |C^t|)`` factor is not applied and there is no division by
+the number of maps (SPEC 3). The per-map scheme is DATA (``schemes: {map: scheme}``,
+scheme in :data:`SCHEMES`), so that a search can change it: ``"pod"`` -> ``pod{l}``;
+``"md"`` -> ``md{l}`` (masks M and Nc; on the logits map M only, as released);
+``"md+mcd"`` -> ``md{l}`` and the MCD term (named ``mcd`` on map 4, the released place,
+and ``mcd{l}`` elsewhere); ``"none"`` -> nothing. Factors per map are data too
+(``map_factors``). MCD on a map with fewer channels than ``mcd_groups`` uses one group
+per channel.
+
+MD masks (:func:`lskd.md_masks`, SPEC 2.3) per masked map come from the teacher's maps on
+three images: the input (A), the input with background/old pixels (label < O) set to 0
+in the normalised image (Cb) and the input with new pixels (O <= label != 255) set to 0
+(Dn). :meth:`LSKD.teacher_forward` runs the teacher ONCE on the 3N batch
+``cat([A, Cb, Dn])`` under no_grad (the teacher is in eval mode, so this equals three
+passes) and hands the Cb/Dn outputs on in ``ctx.teacher_erased``. md_masks takes the
+labels at their own resolution (rho from the full-size labels).
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..models.deeplab import SegOutput
+from .base import (
+    IGNORE_INDEX,
+    Method,
+    StepContext,
+    collapse_new_into_background,
+    cross_entropy,
+    pod_scales,
+    upsample_logits,
+)
+from .mib import unbiased_kd
+from .plop import EntropyPseudoLabeler, pseudo_labelled_ce
+
+__all__ = [
+    "SCHEMES",
+    "RELEASED_SCHEMES",
+    "RELEASED_MAP_FACTORS",
+    "erase_images",
+    "split_output",
+    "teacher_triplet",
+    "LSKD",
+]
+
+SCHEMES: Tuple[str, ...] = ("pod", "md", "md+mcd", "none")
+#: The released layer assignment: maps 0-1 Local POD, 2-3 MD, 4 MD + MCD, 5 masked POD (M only).
+RELEASED_SCHEMES: Dict[int, str] = {0: "pod", 1: "pod", 2: "md", 3: "md", 4: "md+mcd", 5: "md"}
+#: Base factors of the POD/MD term of each map (L3..L8).
+RELEASED_MAP_FACTORS: Dict[int, float] = {0: 0.01, 1: 0.01, 2: 0.01, 3: 0.01, 4: 0.01, 5: 0.0005}
+LOGITS_MAP = 5
+
+
+def erase_images(
+    images: torch.Tensor, labels: torch.Tensor, old_classes: int, ignore_index: int = IGNORE_INDEX
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``images [N, 3, H, W]``, ``labels [N, Hl, Wl]`` -> ``(bg_erased, new_erased)``, each ``[N, 3, H, W]``.
+
+    bg_erased: pixels with label < O set to 0 (in the normalised image); new_erased: pixels
+    with O <= label != ignore set to 0. Labels of another size are resized by nearest.
+    """
+    if labels.shape[-2:] != images.shape[-2:]:
+        labels = F.interpolate(labels[:, None].float(), size=images.shape[-2:], mode="nearest")[:, 0].long()
+    old = (labels < old_classes)[:, None]
+    new = ((labels >= old_classes) & (labels != ignore_index))[:, None]
+    zero = images.new_zeros(())
+    return torch.where(old, zero, images), torch.where(new, zero, images)
+
+
+def split_output(out: SegOutput, parts: int) -> List[SegOutput]:
+    """Split a SegOutput of a ``parts * N`` batch into ``parts`` SegOutputs of N images."""
+    maps = [m.chunk(parts, dim=0) for m in out.maps]
+    logits = out.logits.chunk(parts, dim=0)
+    return [SegOutput(logits=logits[i], maps=[m[i] for m in maps]) for i in range(parts)]
+
+
+@torch.no_grad()
+def teacher_triplet(
+    teacher: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    old_classes: int,
+    fused: bool = True,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tuple[SegOutput, SegOutput, SegOutput]:
+    """Teacher outputs on (input, bg/old-erased input, new-erased input); one 3N pass when ``fused``."""
+    bg_erased, new_erased = erase_images(images, labels, old_classes, ignore_index)
+    if fused:
+        a, cb, dn = split_output(teacher(torch.cat([images, bg_erased, new_erased], dim=0)), 3)
+        return a, cb, dn
+    return teacher(images), teacher(bg_erased), teacher(new_erased)
+
+
+class LSKD(Method):
+    """LSKD's objective (module doc). ``terms`` returns the nine named terms of SPEC 3.
+
+    Args:
+        schemes: map index (0..5) -> scheme in :data:`SCHEMES` (default :data:`RELEASED_SCHEMES`).
+        map_factors: map index -> base factor of its POD/MD term (default :data:`RELEASED_MAP_FACTORS`).
+        mcd_factor: base factor of MCD terms (0.005).
+        unkd_factor: base factor of UNKD (10).
+        mcd_groups, mcd_window, mcd_stride: sop_distill parameters (20, 5, 2 as released).
+        scales: Local POD scales (those larger than a map are dropped for that map).
+        logits_channel_mask: apply Nc on the logits map too (False: M only, as released).
+        fused_teacher: run the three teacher inputs as one 3N batch (True) or three passes.
+        bins, min_threshold: pseudo-labelling histogram bins and entropy floor.
+    """
+
+    name = "lskd"
+    needs_teacher = True
+    teacher_passes = 3
+    needs_prepare_step = True
+
+    def __init__(
+        self,
+        schemes: Optional[Mapping[int, str]] = None,
+        map_factors: Optional[Mapping[int, float]] = None,
+        mcd_factor: float = 0.005,
+        unkd_factor: float = 10.0,
+        mcd_groups: int = 20,
+        mcd_window: Optional[int] = 5,
+        mcd_stride: int = 2,
+        scales: Sequence[int] = (1, 2, 4),
+        logits_channel_mask: bool = False,
+        fused_teacher: bool = True,
+        bins: int = 1000,
+        min_threshold: float = 0.001,
+        ignore_index: int = IGNORE_INDEX,
+        backend: str = "auto",
+    ) -> None:
+        self.schemes: Dict[int, str] = dict(RELEASED_SCHEMES if schemes is None else schemes)
+        for m, s in self.schemes.items():
+            if s not in SCHEMES:
+                raise ValueError(f"LSKD: scheme {s!r} for map {m} is not one of {SCHEMES}")
+            if not 0 <= int(m) <= LOGITS_MAP:
+                raise ValueError(f"LSKD: map index {m} outside 0..{LOGITS_MAP}")
+        self.map_factors: Dict[int, float] = dict(RELEASED_MAP_FACTORS)
+        if map_factors is not None:
+            self.map_factors.update({int(k): float(v) for k, v in map_factors.items()})
+        self.mcd_factor = mcd_factor
+        self.unkd_factor = unkd_factor
+        self.mcd_groups = mcd_groups
+        self.mcd_window = mcd_window
+        self.mcd_stride = mcd_stride
+        self.scales = tuple(scales)
+        self.logits_channel_mask = logits_channel_mask
+        self.fused_teacher = fused_teacher
+        self.labeler = EntropyPseudoLabeler(bins, min_threshold, ignore_index)
+        self.ignore_index = ignore_index
+        self.backend = backend
+
+    # -- bookkeeping -----------------------------------------------------------------
+    @property
+    def thresholds(self) -> Optional[torch.Tensor]:
+        return self.labeler.thresholds
+
+    @staticmethod
+    def mcd_name(map_index: int) -> str:
+        return "mcd" if map_index == 4 else f"mcd{map_index}"
+
+    def _maps(self) -> List[int]:
+        return sorted(m for m, s in self.schemes.items() if s != "none")
+
+    def term_names(self, ctx: StepContext) -> List[str]:
+        if not ctx.incremental:
+            return ["ce"]
+        maps = self._maps()
+        names = ["ce"] + [self.mcd_name(m) for m in maps if self.schemes[m] == "md+mcd"] + ["unkd"]
+        return names + [("pod" if self.schemes[m] == "pod" else "md") + str(m) for m in maps]
+
+    def masked_maps(self) -> List[int]:
+        """Maps whose scheme needs the MD masks."""
+        return [m for m in self._maps() if self.schemes[m] in ("md", "md+mcd")]
+
+    # -- step / teacher ----------------------------------------------------------------
+    def prepare_step(
+        self,
+        teacher: Optional[nn.Module],
+        batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
+        ctx: StepContext,
+    ) -> None:
+        if teacher is not None and ctx.incremental:
+            self.labeler.prepare(teacher, batches, ctx.old_classes)
+
+    @torch.no_grad()
+    def teacher_forward(
+        self,
+        teacher: Optional[nn.Module],
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        ctx: StepContext,
+    ) -> Tuple[Optional[SegOutput], StepContext]:
+        if teacher is None or not ctx.incremental:
+            return None, ctx
+        if not self.masked_maps():
+            return teacher(images), ctx
+        a, cb, dn = teacher_triplet(teacher, images, labels, ctx.old_classes, self.fused_teacher, self.ignore_index)
+        return a, ctx.replace(teacher_erased=(cb, dn))
+
+    def _erased(self, images: torch.Tensor, labels: torch.Tensor, ctx: StepContext) -> Tuple[SegOutput, SegOutput]:
+        if ctx.teacher_erased is not None:
+            return ctx.teacher_erased
+        if ctx.run_teacher is None:
+            raise ValueError(
+                "lskd: the MD masks need the teacher's outputs on the erased images: use "
+                "LSKD.teacher_forward, or give ctx.teacher_erased or ctx.run_teacher"
+            )
+        bg_erased, new_erased = erase_images(images, labels, ctx.old_classes, self.ignore_index)
+        with torch.no_grad():
+            cb, dn = split_output(ctx.run_teacher(torch.cat([bg_erased, new_erased], dim=0)), 2)
+        return cb, dn
+
+    @torch.no_grad()
+    def masks(
+        self,
+        map_index: int,
+        teacher_out: SegOutput,
+        teacher_erased: Tuple[SegOutput, SegOutput],
+        labels: torch.Tensor,
+        old_classes: int,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """MD masks of one map: ``(spatial [N, 1, h, w] bool, channel [N, C] bool or None)``
+        (channel None on the logits map unless ``logits_channel_mask``)."""
+        cb, dn = teacher_erased
+        spatial, channel = ops.md_masks(
+            teacher_out.maps[map_index],
+            cb.maps[map_index],
+            dn.maps[map_index],
+            labels,
+            old_classes,
+            ignore_index=self.ignore_index,
+            backend=self.backend,
+        )
+        if map_index == LOGITS_MAP and not self.logits_channel_mask:
+            channel = None
+        return spatial, channel
+
+    # -- terms ---------------------------------------------------------------------------
+    def distill_map(
+        self,
+        map_index: int,
+        scheme: str,
+        student_map: torch.Tensor,
+        teacher_map: torch.Tensor,
+        spatial: Optional[torch.Tensor] = None,
+        channel: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """The terms of one map under one scheme (student logits map already collapsed to O
+        channels). ``spatial [N, 1, h, w]`` / ``channel [N, C]`` are required for md schemes."""
+        if scheme == "none":
+            return {}
+        factor = self.map_factors[map_index]
+        scales = pod_scales(student_map, self.scales)
+        if scheme == "pod":
+            return {f"pod{map_index}": factor * ops.pod_distill(student_map, teacher_map, scales=scales, backend=self.backend)}
+        if spatial is None:
+            raise ValueError(f"lskd: scheme {scheme!r} on map {map_index} needs the MD masks")
+        out = {
+            f"md{map_index}": factor
+            * ops.pod_distill(student_map, teacher_map, spatial, channel, scales=scales, backend=self.backend)
+        }
+        if scheme == "md+mcd":
+            groups = min(self.mcd_groups, student_map.shape[1])
+            out[self.mcd_name(map_index)] = self.mcd_factor * ops.sop_distill(
+                student_map,
+                teacher_map,
+                spatial,
+                channel,
+                groups=groups,
+                window=self.mcd_window,
+                stride=self.mcd_stride,
+                backend=self.backend,
+            )
+        return out
+
+    def terms(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        student_out: SegOutput,
+        teacher_out: Optional[SegOutput],
+        ctx: StepContext,
+    ) -> Dict[str, torch.Tensor]:
+        if not ctx.incremental:
+            return {"ce": cross_entropy(student_out.logits, labels, self.ignore_index)}
+        self._check_teacher(teacher_out, ctx)
+        o = ctx.old_classes
+        size = labels.shape[-2:]
+        erased = self._erased(images, labels, ctx) if self.masked_maps() else None
+        per_map: Dict[str, torch.Tensor] = {}
+        for m in self._maps():
+            scheme = self.schemes[m]
+            s_map, t_map = student_out.maps[m], teacher_out.maps[m]
+            if m == LOGITS_MAP:
+                s_map = collapse_new_into_background(s_map, o)
+            spatial = channel = None
+            if scheme in ("md", "md+mcd"):
+                spatial, channel = self.masks(m, teacher_out, erased, labels, o)
+            per_map.update(self.distill_map(m, scheme, s_map, t_map, spatial, channel))
+        out: Dict[str, torch.Tensor] = {
+            "ce": pseudo_labelled_ce(self.labeler, labels, student_out.logits, teacher_out.logits, o)
+        }
+        out.update({k: v for k, v in per_map.items() if k.startswith("mcd")})
+        s_logits = upsample_logits(student_out.logits, size)
+        t_logits = upsample_logits(teacher_out.logits, size)
+        out["unkd"] = self.unkd_factor * unbiased_kd(s_logits, t_logits)
+        out.update({k: v for k, v in per_map.items() if not k.startswith("mcd")})
+        return out

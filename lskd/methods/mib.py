@@ -1,0 +1,128 @@
+"""MiB (Cermelli et al., CVPR 2020): unbiased cross-entropy and unbiased knowledge distillation.
+
+Both losses model the background shift: at step t the student's background at a pixel
+labelled 0 may be an old class (UNCE merges background and old classes), and the
+teacher's background may be a new class (UNKD merges background and new classes).
+:func:`unbiased_kd` is reused by LSKD (L2 = 10 * UNKD, SPEC 3).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..models.deeplab import SegOutput
+from .base import IGNORE_INDEX, Method, StepContext, cross_entropy, to_acc, upsample_logits
+
+__all__ = ["unbiased_cross_entropy", "unbiased_kd", "MiB"]
+
+
+def unbiased_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_classes: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """UNCE: cross-entropy where the background probability is that of background OR an old class.
+
+    Args:
+        logits: student logits ``[N, K, H, W]`` (upsampled bilinearly to the labels if smaller).
+        labels: ``[N, H, W]`` int64; values < O count as background, ``ignore_index`` is ignored.
+        old_classes: O (>= 1).
+
+    Returns:
+        ``mean over non-ignored pixels of -log q(y)`` with ``log q(bg) = logsumexp(z[:O]) -
+        logsumexp(z)`` for y < O and ``log q(c) = z_c - logsumexp(z)`` for y >= O (0 when no
+        pixel is valid).
+    """
+    logits = to_acc(upsample_logits(logits, labels.shape[-2:]))
+    if not 1 <= old_classes <= logits.shape[1]:
+        raise ValueError(f"unbiased_cross_entropy: old_classes must be in [1, {logits.shape[1]}], got {old_classes}")
+    den = torch.logsumexp(logits, dim=1, keepdim=True)
+    log_bg = torch.logsumexp(logits[:, :old_classes], dim=1, keepdim=True) - den
+    log_probs = torch.cat([log_bg, logits[:, old_classes:] - den], dim=1)  # [N, 1 + K - O, H, W]
+    valid = labels != ignore_index
+    targets = torch.where(labels < old_classes, torch.zeros_like(labels), labels - old_classes + 1)
+    targets = torch.where(valid, targets, torch.full_like(labels, ignore_index))
+    loss = F.nll_loss(log_probs, targets, ignore_index=ignore_index, reduction="sum")
+    return loss / valid.sum().clamp(min=1)
+
+
+def unbiased_kd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    alpha: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """UNKD: distillation of the teacher's O-way softmax into the student's, with the student's
+    background probability taken as background OR a new class.
+
+    Args:
+        student_logits: ``[N, K, H, W]``, K >= O.
+        teacher_logits: ``[N, O, H, W]`` (no gradient flows to it), same spatial size.
+        alpha: MiB's scale of the teacher logits (1).
+        mask: optional ``[N, H, W]`` pixel mask (multiplies the per-pixel loss).
+
+    Returns:
+        ``-mean over pixels of (1/O) * [p_0 log q_bg + sum_{c=1}^{O-1} p_c log q_c]`` with
+        ``p = softmax(alpha * teacher)``, ``log q_c = z_c - logsumexp(z)`` and
+        ``log q_bg = logsumexp(z_0, z_O, ..., z_{K-1}) - logsumexp(z)`` (MiB's formula,
+        including its 1/O factor; the mean is over all N*H*W pixels).
+    """
+    s = to_acc(student_logits)
+    t = to_acc(teacher_logits).detach()
+    o, k = t.shape[1], s.shape[1]
+    if k < o:
+        raise ValueError(f"unbiased_kd: the student has {k} channels, fewer than the teacher's {o}")
+    if s.shape[-2:] != t.shape[-2:]:
+        raise ValueError(f"unbiased_kd: spatial sizes differ: {tuple(s.shape)} vs {tuple(t.shape)}")
+    den = torch.logsumexp(s, dim=1)
+    bg_channels = torch.cat([s[:, :1], s[:, o:]], dim=1)
+    log_bg = torch.logsumexp(bg_channels, dim=1) - den
+    log_old = s[:, 1:o] - den.unsqueeze(1)
+    p = torch.softmax(t * alpha, dim=1)
+    loss = (p[:, 0] * log_bg + (p[:, 1:] * log_old).sum(dim=1)) / o
+    if mask is not None:
+        loss = loss * mask.to(loss.dtype)
+    return -loss.mean()
+
+
+class MiB(Method):
+    """MiB: ``{"unce": UNCE, "unkd": kd_factor * UNKD}`` at steps t > 0 (``{"ce": CE}`` at step 0).
+
+    UNKD is computed on the student's and teacher's logits upsampled to the label resolution
+    (MiB distils full-size outputs). ``kd_factor`` = 10 (MiB's VOC setting). MiB's balanced
+    classifier initialisation is :meth:`lskd.models.DeepLabV3.add_step` (``balanced=True``).
+    """
+
+    name = "mib"
+    needs_teacher = True
+    teacher_passes = 1
+
+    def __init__(self, kd_factor: float = 10.0, alpha: float = 1.0, ignore_index: int = IGNORE_INDEX) -> None:
+        self.kd_factor = kd_factor
+        self.alpha = alpha
+        self.ignore_index = ignore_index
+
+    def term_names(self, ctx: StepContext) -> List[str]:
+        return ["unce", "unkd"] if ctx.incremental else ["ce"]
+
+    def terms(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        student_out: SegOutput,
+        teacher_out: Optional[SegOutput],
+        ctx: StepContext,
+    ) -> Dict[str, torch.Tensor]:
+        if not ctx.incremental:
+            return {"ce": cross_entropy(student_out.logits, labels, self.ignore_index)}
+        self._check_teacher(teacher_out, ctx)
+        size = labels.shape[-2:]
+        s_logits = upsample_logits(student_out.logits, size)
+        t_logits = upsample_logits(teacher_out.logits, size)
+        return {
+            "unce": unbiased_cross_entropy(s_logits, labels, ctx.old_classes, self.ignore_index),
+            "unkd": self.kd_factor * unbiased_kd(s_logits, t_logits, self.alpha),
+        }

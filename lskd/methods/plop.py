@@ -1,0 +1,266 @@
+"""PLOP (Douillard et al., CVPR 2021): entropy pseudo-labels + Local POD on six maps.
+
+Pseudo-labelling (shared with LSKD, :class:`EntropyPseudoLabeler`):
+
+* once per step, the teacher runs on the step's training data; for every pixel labelled
+  background/old (label < O) its argmax class c and normalised entropy
+  ``H(p) / log(O)`` (in [0, 1]) go into a per-class histogram (``bins`` bins);
+  ``threshold[c] = max(median_c, min_threshold)`` (PLOP: ``min_threshold = 0.001``), the
+  median read from the histogram with linear interpolation inside its bin;
+* per batch, a background pixel becomes ``argmax`` of the teacher when its normalised
+  entropy is ``< threshold[argmax]`` and 255 (ignored) otherwise; new-class and ignored
+  pixels keep their label;
+* PLOP's per-image adaptive factor (paper: "the ratio of accepted old-class pixels over
+  the total number of background pixels"): ``|{y < O and accepted}| / (|{y < O}| + 1e-6)``;
+  it multiplies the whole per-pixel CE of the image, which is then averaged over ALL
+  pixels of the batch (ignored ones count as 0), as PLOP does.
+
+Teacher logits are upsampled bilinearly to the label resolution first (PLOP's model
+outputs full-size logits).
+
+Differences from PLOP's code, on purpose: the entropy is the Shannon entropy divided by
+log(O) (PLOP's code averages p log p over channels and divides by log(#classes) twice;
+this rescales the values, so the median rule is unchanged and only the 0.001 floor means
+a different entropy); the histogram median is the exact interpolation (PLOP's loop adds
+the bin index instead of its count to the running sum); 1000 bins instead of 100.
+
+Local POD (``pod_distill``, square=True, scales (1, 2, 4)) on the six maps; on the
+logits map the student's new-class logits are summed into its background channel.
+PLOP's factors: 0.01 for maps 0-4, 0.0005 for the logits map, times
+``sqrt(|C^{0:t}| / |C^t|)`` (PLOP's "pod schedule") and divided by the number of maps (6),
+as in PLOP's ``features_distillation``. Each map is its own named term ``pod{l}``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import ops
+from ..models.deeplab import SegOutput
+from .base import (
+    IGNORE_INDEX,
+    Method,
+    StepContext,
+    collapse_new_into_background,
+    cross_entropy,
+    pod_scales,
+    to_acc,
+    upsample_logits,
+)
+
+__all__ = [
+    "normalized_entropy",
+    "histogram_median",
+    "pseudo_label",
+    "EntropyPseudoLabeler",
+    "PLOP",
+]
+
+
+def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W]`` logits -> ``[N, H, W]`` Shannon entropy of the softmax / log(C), in [0, 1]
+    (0 when C == 1)."""
+    x = to_acc(logits)
+    c = x.shape[1]
+    if c == 1:
+        return torch.zeros_like(x[:, 0])
+    logp = torch.log_softmax(x, dim=1)
+    return -(logp.exp() * logp).sum(dim=1) / math.log(c)
+
+
+def histogram_median(hist: torch.Tensor) -> torch.Tensor:
+    """Median per row of a histogram over [0, 1]: ``hist [C, B]`` counts -> ``[C]``.
+
+    Linear interpolation inside the bin that holds the middle count; rows without counts give 0.
+    """
+    h = hist.to(torch.float64)
+    bins = h.shape[1]
+    cum = h.cumsum(dim=1)
+    total = cum[:, -1]
+    half = total / 2
+    idx = torch.searchsorted(cum, half[:, None]).clamp(max=bins - 1)  # first bin with cum >= half
+    count = h.gather(1, idx).squeeze(1)
+    before = cum.gather(1, idx).squeeze(1) - count
+    frac = torch.where(count > 0, (half - before) / count.clamp(min=1), torch.zeros_like(half))
+    median = (idx.squeeze(1).to(torch.float64) + frac) / bins
+    return torch.where(total > 0, median, torch.zeros_like(median)).to(torch.float32)
+
+
+def pseudo_label(
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    thresholds: torch.Tensor,
+    old_classes: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """PLOP's entropy pseudo-labels and per-image adaptive factor.
+
+    Args:
+        labels: ``[N, H, W]`` int64 labels of the step (values < O = background/old).
+        teacher_logits: ``[N, O, h, w]`` (upsampled bilinearly to ``[H, W]`` if needed).
+        thresholds: ``[O]`` per-class normalised-entropy thresholds.
+        old_classes: O.
+
+    Returns:
+        ``(targets [N, H, W] int64, factor [N] float32)``: background pixels -> the teacher's
+        argmax where ``entropy < thresholds[argmax]``, else ``ignore_index``; other pixels
+        unchanged. ``factor = #accepted background pixels / (#background pixels + 1e-6)``.
+    """
+    t = upsample_logits(teacher_logits.detach(), labels.shape[-2:])
+    if t.shape[1] != old_classes or thresholds.numel() != old_classes:
+        raise ValueError(
+            f"pseudo_label: teacher has {t.shape[1]} channels and {thresholds.numel()} thresholds, "
+            f"expected O = {old_classes}"
+        )
+    ent = normalized_entropy(t)
+    pred = t.argmax(dim=1)
+    accepted = ent < thresholds.to(device=ent.device, dtype=ent.dtype)[pred]
+    background = labels < old_classes
+    targets = torch.where(background, torch.where(accepted, pred, torch.full_like(pred, ignore_index)), labels)
+    num = (background & accepted).sum(dim=(1, 2)).float()
+    den = background.sum(dim=(1, 2)).float()
+    return targets, num / (den + 1e-6)
+
+
+class EntropyPseudoLabeler:
+    """Per-step entropy thresholds (``prepare``) and pseudo-labels (``__call__``); see the module doc."""
+
+    def __init__(self, bins: int = 1000, min_threshold: float = 0.001, ignore_index: int = IGNORE_INDEX) -> None:
+        self.bins = bins
+        self.min_threshold = min_threshold
+        self.ignore_index = ignore_index
+        self.thresholds: Optional[torch.Tensor] = None  # [O]
+        self.histogram: Optional[torch.Tensor] = None  # [O, bins] int64 (for inspection)
+
+    @torch.no_grad()
+    def prepare(
+        self,
+        teacher: nn.Module,
+        batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
+        old_classes: int,
+        device: Optional[torch.device] = None,
+    ) -> torch.Tensor:
+        """One teacher pass over ``batches`` of ``(images [N, 3, H, W], labels [N, H, W])``;
+        under torch.distributed the histograms of all ranks are summed. Returns ``[O]``."""
+        if device is None:
+            device = next(teacher.parameters()).device
+        hist = torch.zeros(old_classes * self.bins, dtype=torch.int64, device=device)
+        for images, labels in batches:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            logits = upsample_logits(teacher(images).logits, labels.shape[-2:])
+            bg = labels < old_classes
+            ent = normalized_entropy(logits)[bg]
+            cls = logits.argmax(dim=1)[bg]
+            b = (ent * self.bins).long().clamp(0, self.bins - 1)
+            hist += torch.bincount(cls * self.bins + b, minlength=old_classes * self.bins)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(hist)
+        self.histogram = hist.view(old_classes, self.bins)
+        self.thresholds = histogram_median(self.histogram).clamp(min=self.min_threshold)
+        return self.thresholds
+
+    def __call__(
+        self, labels: torch.Tensor, teacher_logits: torch.Tensor, old_classes: int
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.thresholds is None:
+            raise RuntimeError("pseudo-labels need prepare_step(teacher, batches, ctx) first (entropy thresholds)")
+        return pseudo_label(labels, teacher_logits, self.thresholds, old_classes, self.ignore_index)
+
+
+def pseudo_labelled_ce(
+    labeler: EntropyPseudoLabeler,
+    labels: torch.Tensor,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    old_classes: int,
+) -> torch.Tensor:
+    """PLOP's classification term: CE on pseudo-labelled targets times the per-image adaptive
+    factor, averaged over all pixels."""
+    targets, factor = labeler(labels, teacher_logits, old_classes)
+    return cross_entropy(
+        student_logits, targets, labeler.ignore_index, pixel_weight=factor[:, None, None], mean_over="all"
+    )
+
+
+class PLOP(Method):
+    """PLOP: ``{"ce", "pod0", ..., "pod5"}`` at steps t > 0 (``{"ce"}`` at step 0).
+
+    Args:
+        pod_factors: base factor per map (0.01 x 5, 0.0005 for the logits map).
+        pod_schedule: multiply the POD terms by ``sqrt(|C^{0:t}| / |C^t|)`` (PLOP default).
+        average_over_maps: divide the POD terms by the number of maps (PLOP's code does).
+        scales: Local POD scales (those larger than a map are dropped for that map).
+        bins, min_threshold: pseudo-labelling histogram bins and entropy floor.
+    """
+
+    name = "plop"
+    needs_teacher = True
+    teacher_passes = 1
+    needs_prepare_step = True
+
+    def __init__(
+        self,
+        pod_factors: Sequence[float] = (0.01, 0.01, 0.01, 0.01, 0.01, 0.0005),
+        pod_schedule: bool = True,
+        average_over_maps: bool = True,
+        scales: Sequence[int] = (1, 2, 4),
+        bins: int = 1000,
+        min_threshold: float = 0.001,
+        ignore_index: int = IGNORE_INDEX,
+        backend: str = "auto",
+    ) -> None:
+        self.pod_factors = tuple(float(f) for f in pod_factors)
+        self.pod_schedule = pod_schedule
+        self.average_over_maps = average_over_maps
+        self.scales = tuple(scales)
+        self.labeler = EntropyPseudoLabeler(bins, min_threshold, ignore_index)
+        self.ignore_index = ignore_index
+        self.backend = backend
+
+    @property
+    def thresholds(self) -> Optional[torch.Tensor]:
+        return self.labeler.thresholds
+
+    def term_names(self, ctx: StepContext) -> List[str]:
+        if not ctx.incremental:
+            return ["ce"]
+        return ["ce"] + [f"pod{i}" for i in range(len(self.pod_factors))]
+
+    def prepare_step(
+        self,
+        teacher: Optional[nn.Module],
+        batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
+        ctx: StepContext,
+    ) -> None:
+        if teacher is not None and ctx.incremental:
+            self.labeler.prepare(teacher, batches, ctx.old_classes)
+
+    def terms(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        student_out: SegOutput,
+        teacher_out: Optional[SegOutput],
+        ctx: StepContext,
+    ) -> Dict[str, torch.Tensor]:
+        if not ctx.incremental:
+            return {"ce": cross_entropy(student_out.logits, labels, self.ignore_index)}
+        self._check_teacher(teacher_out, ctx)
+        o = ctx.old_classes
+        out = {"ce": pseudo_labelled_ce(self.labeler, labels, student_out.logits, teacher_out.logits, o)}
+        scale = math.sqrt(ctx.total_classes / max(ctx.new_classes, 1)) if self.pod_schedule else 1.0
+        if self.average_over_maps:
+            scale /= len(self.pod_factors)
+        last = len(student_out.maps) - 1
+        for i, factor in enumerate(self.pod_factors):
+            s_map, t_map = student_out.maps[i], teacher_out.maps[i]
+            if i == last:
+                s_map = collapse_new_into_background(s_map, o)
+            d = ops.pod_distill(s_map, t_map, scales=pod_scales(s_map, self.scales), backend=self.backend)
+            out[f"pod{i}"] = factor * scale * d
+        return out
