@@ -45,6 +45,8 @@ RUN_SEED = int(_SEED_ENV) if _SEED_ENV else int(time.time() * 1000) % 1_000_000_
 
 CPU_BACKENDS = lskd.available_backends("cpu")
 GPU_BACKENDS = lskd.available_backends("cuda") if HAS_CUDA else []
+if os.environ.get("LSKD_GPU_TEST_BACKENDS"):  # e.g. "cuda,triton" to leave the reference out on the GPU
+    GPU_BACKENDS = [b for b in GPU_BACKENDS if b in os.environ["LSKD_GPU_TEST_BACKENDS"].split(",")]
 
 
 def pytest_configure(config):
