@@ -27,6 +27,11 @@ DTYPES = [torch.float32, torch.bfloat16] if wl.on_gpu() else [torch.float32]
 KERNEL_BACKENDS = [b for b in lskd.available_backends(DEV) if b != "reference"]
 if DEV.type == "cpu":
     KERNEL_BACKENDS = [b for b in KERNEL_BACKENDS if b != "triton"]  # the interpreter says nothing of speed
+_expected = [b for b in os.environ.get("LSKD_BENCH_EXPECT", "").split(",") if b]
+_missing = [b for b in _expected if b not in KERNEL_BACKENDS]
+if _missing:  # never drop a backend from the record silently
+    raise RuntimeError(f"benchmarks: expected backends {_missing} are unavailable on {DEV}: "
+                       f"{lskd.available_backends(DEV)}")
 ROUNDS = int(os.environ.get("LSKD_BENCH_ROUNDS", "20" if wl.on_gpu() else "5"))
 _compiled = {}
 

@@ -97,8 +97,11 @@ def sop_embedding(
     if window is None:
         pooled = x.mean(dim=(2, 3), keepdim=True)
     else:
+        # contiguous(): avg_pool2d's CUDA backward is wrong for channels-last
+        # inputs with padding in some torch releases (pytorch/pytorch#188344,
+        # seen with torch 2.11 on an H100); the oracle must not depend on it.
         pooled = F.avg_pool2d(
-            x, window, stride=stride, padding=window // 2, count_include_pad=True
+            x.contiguous(), window, stride=stride, padding=window // 2, count_include_pad=True
         )
     p = pooled.reshape(n, groups, k, -1).transpose(2, 3)  # [N, G, P, k]
     outer = p.unsqueeze(-1) * p.unsqueeze(-2)  # [N, G, P, k, k]

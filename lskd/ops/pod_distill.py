@@ -50,11 +50,12 @@ def _register(ns: str) -> None:
         dist, emb = output
         ctx.save_for_backward(student, spatial_mask, channel_mask, dist, emb)
         ctx.scales, ctx.square = list(scales), bool(square)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the auxiliary output
 
     def backward(ctx, grad_dist, _grad_emb):
         student, spatial_mask, channel_mask, dist, emb = ctx.saved_tensors
         grad = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and grad_dist is not None:
             grad = backward_op(
                 grad_dist.contiguous(), student, spatial_mask, channel_mask, dist, emb, ctx.scales, ctx.square
             )

@@ -43,11 +43,12 @@ def _register(ns: str) -> None:
         dist, pooled_grad = output
         ctx.save_for_backward(student, spatial_mask, channel_mask, dist, pooled_grad)
         ctx.geometry = (int(groups), list(window), list(stride), list(padding))
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the auxiliary output
 
     def backward(ctx, grad_dist, _grad_pooled):
         student, spatial_mask, channel_mask, dist, pooled_grad = ctx.saved_tensors
         grad = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and grad_dist is not None:
             grad = backward_op(grad_dist.contiguous(), student, spatial_mask, channel_mask, dist, pooled_grad, *ctx.geometry)
         return grad, None, None, None, None, None, None, None
 
