@@ -1,7 +1,8 @@
 # Set-up and everyday commands. Every target creates what it needs first, so
 # `make demo` and `make test` work on a fresh machine.
 #
-#   make demo    the main job (see README)
+#   make demo    the main job: the synthetic CISS demo comparing the methods
+#   make example the drop-in losses inside a small training loop
 #   make test    build, then the test suite (what CI runs)
 #   make bench   CPU benchmarks (pytest-benchmark), JSON in benches/results/
 #   make build   (re)build lskd._C into the venv
@@ -22,7 +23,7 @@ endif
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 STAMP_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: venv build test test-fast demo bench clean
+.PHONY: venv build test demo example bench clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,9 @@ test: $(VENV)/.built
 	$(PY) -m pytest tests -q -ra
 
 demo: $(VENV)/.built
+	$(VENV)/bin/lskd demo
+
+example: $(VENV)/.built
 	$(PY) examples/drop_in_losses.py
 
 bench: $(VENV)/.built

@@ -52,6 +52,7 @@ if os.environ.get("LSKD_GPU_TEST_BACKENDS"):  # e.g. "cuda,triton" to leave the 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "compile: torch.compile / opcheck tests (slow; run by default)")
+    config.addinivalue_line("markers", "demo: runs `lskd demo --quick` (about a minute; runs by default)")
     config.addinivalue_line(
         "markers",
         "cases(default, triton): number of seeded random cases per backend for tests taking (backend, case)",

@@ -1,0 +1,43 @@
+"""Training layer: the step/epoch loops, checkpoints, metrics, DDP set-up, loss weighting, reports.
+
+``train(TrainConfig(...)) -> summary`` runs every step of a class-incremental task (see
+:mod:`lskd.train.trainer`); ``evaluate_run(out)`` re-evaluates a finished run.
+"""
+from .checkpoint import CheckpointMismatch, atomic_save, load_checkpoint, rng_state, set_rng_state
+from .distributed import DistContext, cleanup_distributed, init_distributed
+from .metrics import StepMetrics, confusion_matrix, iou_per_class, mean_iou, reduce_confusion, step_metrics
+from .report import format_table, write_reports
+from .trainer import DATASETS, DEFAULT_EPOCHS, RunError, TrainConfig, Trainer, epoch_batches, evaluate_model, evaluate_run, train
+from .weighting import FixedWeights, Weighting, build_weighting, parse_weights
+
+__all__ = [
+    "TrainConfig",
+    "Trainer",
+    "train",
+    "evaluate_run",
+    "evaluate_model",
+    "epoch_batches",
+    "RunError",
+    "DATASETS",
+    "DEFAULT_EPOCHS",
+    "CheckpointMismatch",
+    "atomic_save",
+    "load_checkpoint",
+    "rng_state",
+    "set_rng_state",
+    "DistContext",
+    "init_distributed",
+    "cleanup_distributed",
+    "StepMetrics",
+    "confusion_matrix",
+    "iou_per_class",
+    "mean_iou",
+    "reduce_confusion",
+    "step_metrics",
+    "format_table",
+    "write_reports",
+    "Weighting",
+    "FixedWeights",
+    "build_weighting",
+    "parse_weights",
+]

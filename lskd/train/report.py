@@ -1,0 +1,193 @@
+"""Run reports: summary.json, metrics.csv, miou.png and the text table.
+
+``summary.json`` (stable keys; later versions add keys, never rename these)::
+
+    {"dataset": "folder", "task": "3-1", "method": "lskd",
+     "steps": [{"step": 0, "classes": ["background", "a", "b", "c"],
+                "miou_old": 71.2, "miou_new": null, "miou_all": 71.2,
+                "iou": {"background": 90.1, "a": 60.3, ...}}, ...]}
+
+mIoU and IoU are in percent; ``null`` = undefined (no "new" classes at step 0, or a class with
+neither ground truth nor prediction). ``classes`` = the classes learnt AT that step (the ``iou``
+keys are every class learnt up to it). Extra keys written here: ``disjoint``, ``backbone``,
+``class_names``, ``offline`` (joint training: one step with every class, reported as the last
+step of the task) and per step ``losses`` (mean of each loss term over the last epoch).
+
+``metrics.csv``: one row per (step, class): ``step,class_id,class,group,iou`` with
+``group`` = old | new and an empty ``iou`` when undefined.
+
+Everything is written atomically (temporary file + ``os.replace``).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+__all__ = [
+    "write_text_atomic",
+    "write_json",
+    "write_summary",
+    "write_metrics_csv",
+    "plot_miou",
+    "format_table",
+    "format_number",
+    "write_reports",
+]
+
+PathLike = Union[str, os.PathLike]
+
+
+def write_text_atomic(path: PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def _clean(obj):
+    """NaN/inf -> None so that the JSON is standard."""
+    if isinstance(obj, float):
+        return None if (math.isnan(obj) or math.isinf(obj)) else obj
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_json(path: PathLike, obj) -> Path:
+    """Indented, standard JSON (NaN -> null), written atomically."""
+    return write_text_atomic(path, json.dumps(_clean(obj), indent=2) + "\n")
+
+
+def write_summary(path: PathLike, summary: dict) -> Path:
+    """Write ``summary.json``."""
+    return write_json(path, summary)
+
+
+def write_metrics_csv(path: PathLike, summary: dict, base_classes: Sequence[str]) -> Path:
+    """One row per step and class: ``step,class_id,class,group,iou`` (iou in percent).
+
+    ``base_classes`` = the names of the step-0 classes (group "old"; the others are "new").
+    """
+    names = summary.get("class_names")
+    ids = {n: i for i, n in enumerate(names)} if names else {}
+    base = set(base_classes)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["step", "class_id", "class", "group", "iou"])
+    for entry in summary["steps"]:
+        for name, iou in entry["iou"].items():
+            w.writerow(
+                [
+                    entry["step"],
+                    ids.get(name, ""),
+                    name,
+                    "old" if name in base else "new",
+                    "" if iou is None else f"{iou:.4f}",
+                ]
+            )
+    return write_text_atomic(path, buf.getvalue())
+
+
+def _series(steps: List[dict], key: str):
+    xs, ys = [], []
+    for e in steps:
+        v = e.get(key)
+        if v is not None:
+            xs.append(e["step"])
+            ys.append(v)
+    return xs, ys
+
+
+def plot_miou(path: PathLike, summary: dict) -> Optional[Path]:
+    """``miou.png``: mIoU (old / new / all) per step. Returns None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a dependency of the CLI
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    styles = {"miou_old": ("old", "o-"), "miou_new": ("new", "s-"), "miou_all": ("all", "^-")}
+    for key, (label, style) in styles.items():
+        xs, ys = _series(summary["steps"], key)
+        if xs:
+            ax.plot(xs, ys, style, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_ylim(0, 100)
+    steps = [e["step"] for e in summary["steps"]]
+    if steps:
+        ax.set_xticks(sorted(set(steps)))
+    ax.set_title(f"{summary.get('method')} on {summary.get('dataset')} {summary.get('task')}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def format_number(v: Optional[float], width: int = 6) -> str:
+    """``71.234 -> ' 71.2'``; None -> '-' right-aligned."""
+    return f"{'-':>{width}}" if v is None else f"{v:{width}.1f}"
+
+
+def _short_classes(classes: Sequence[str], limit: int = 28) -> str:
+    text = ",".join(classes)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def format_table(summary: dict) -> str:
+    """The per-step table of one run (mIoU old / new / all in percent)."""
+    lines = [f"{summary.get('method')} | {summary.get('dataset')} | task {summary.get('task')}"]
+    lines.append(f"{'step':>4}  {'classes':<28}  {'old':>6}  {'new':>6}  {'all':>6}")
+    for e in summary["steps"]:
+        lines.append(
+            f"{e['step']:>4}  {_short_classes(e['classes']):<28}  {format_number(e['miou_old'])}  "
+            f"{format_number(e['miou_new'])}  {format_number(e['miou_all'])}"
+        )
+    return "\n".join(lines)
+
+
+def write_reports(out: PathLike, summary: dict, base_classes: Sequence[str], prefix: str = "") -> Dict[str, Path]:
+    """summary.json, metrics.csv and miou.png in ``out`` (with an optional file-name prefix)."""
+    out = Path(out)
+    paths = {
+        "summary": write_summary(out / f"{prefix}summary.json", summary),
+        "metrics": write_metrics_csv(out / f"{prefix}metrics.csv", summary, base_classes),
+    }
+    png = plot_miou(out / f"{prefix}miou.png", summary)
+    if png is not None:
+        paths["plot"] = png
+    return paths
