@@ -8,6 +8,7 @@
 // Cb - A and Dn - A; those are then summed per (n, c) in block order.
 // Channel blocks: 1 when rows are unit-stride (NCHW), else 16 (channels-last).
 #include "common.h"
+#include "cpu_utils.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -20,38 +21,8 @@
 namespace lskd {
 namespace {
 
-// Element-wise loops over distinct buffers: let the compiler vectorise them.
-#define LSKD_SIMD _Pragma("omp simd")
-
-constexpr int64_t kChannelBlock = 16;
-
-// rows of channels [0, cb) at p (pointing at (n, c0, r, 0)) -> out[cb][W] in acc.
-// pf: element offset of the next row, prefetched on the channels-last path
-// (0 = none): strided rows otherwise leave the loads waiting on memory.
-template <typename scalar_t, typename acc>
-inline void load_rows(const scalar_t* p, int64_t sc, int64_t sw, int64_t cb, int64_t W, acc* out,
-                      int64_t pf = 0) {
-  if (sw == 1) {
-    for (int64_t j = 0; j < cb; ++j) {
-      const scalar_t* q = p + j * sc;
-      acc* o = out + j * W;
-      LSKD_SIMD
-      for (int64_t x = 0; x < W; ++x) o[x] = static_cast<acc>(q[x]);
-    }
-  } else if (sc == 1) {
-    for (int64_t x = 0; x < W; ++x) {
-      const scalar_t* q = p + x * sw;
-      if (pf != 0) {
-        for (int64_t j = 0; j < cb; j += 64 / sizeof(scalar_t)) __builtin_prefetch(q + pf + j);
-        __builtin_prefetch(q + pf + cb - 1);
-      }
-      for (int64_t j = 0; j < cb; ++j) out[j * W + x] = static_cast<acc>(q[j]);
-    }
-  } else {
-    for (int64_t j = 0; j < cb; ++j)
-      for (int64_t x = 0; x < W; ++x) out[j * W + x] = static_cast<acc>(p[j * sc + x * sw]);
-  }
-}
+using cpu::kChannelBlock;
+using cpu::load_rows;
 
 template <typename scalar_t>
 void md_stats_kernel(const at::Tensor& A, const at::Tensor& B, const at::Tensor& D, double eps_d,
