@@ -5,8 +5,8 @@ Shared by benches/test_bench_ops.py (pytest-benchmark) and benches/summarize.py.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 

@@ -24,7 +24,7 @@ The runs of a previous demo in ``OUT`` are replaced (the dataset is kept).
 from __future__ import annotations
 
 import json
-import os
+
 import shutil
 import time
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ._io import atomic_open
 from .train import report
 from .train.trainer import TrainConfig, train
 
@@ -133,11 +134,11 @@ def plot_comparison(path: Path, summaries: Dict[str, dict], title: str = "") -> 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

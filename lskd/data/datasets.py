@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Set, Tuple, Union
 
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .._io import atomic_open
 from .tasks import IGNORE, Task, lut_numpy, select_images
 
 __all__ = [
@@ -425,20 +426,8 @@ def load_dataset(root: PathLike, split: str, kind: str = "auto") -> Segmentation
 
 
 def _atomic_write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f)
 
 
 def _read_json(path: Path):

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
+
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Union
 
 import numpy as np
 import torch
+
+from .._io import atomic_open
 
 __all__ = [
     "atomic_save",
@@ -48,20 +50,8 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     """``torch.save(obj)`` to ``path`` atomically (temporary file in the same folder + fsync +
     ``os.replace``). Returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
     return path
 
 
