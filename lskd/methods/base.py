@@ -170,6 +170,8 @@ class Method:
             return None, ctx
         return teacher(images), ctx
 
+    ignore_index: int = IGNORE_INDEX
+
     def terms(
         self,
         images: torch.Tensor,
@@ -178,7 +180,24 @@ class Method:
         teacher_out: Optional[SegOutput],
         ctx: StepContext,
     ) -> Dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """Named, unweighted loss terms of one batch. Step 0 (or no teacher) is plain
+        cross-entropy; later steps call :meth:`incremental_terms` with the teacher's outputs."""
+        if not ctx.incremental:
+            return {"ce": cross_entropy(student_out.logits, labels, self.ignore_index)}
+        if self.needs_teacher:
+            self._check_teacher(teacher_out, ctx)
+        return self.incremental_terms(images, labels, student_out, teacher_out, ctx)
+
+    def incremental_terms(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        student_out: SegOutput,
+        teacher_out: SegOutput,
+        ctx: StepContext,
+    ) -> Dict[str, torch.Tensor]:
+        """The terms of a step t > 0 (default: cross-entropy only, as fine-tuning)."""
+        return {"ce": cross_entropy(student_out.logits, labels, self.ignore_index)}
 
     def _check_teacher(self, teacher_out: Optional[SegOutput], ctx: StepContext) -> None:
         if teacher_out is None:

@@ -1,12 +1,7 @@
 """Fine-tuning: cross-entropy on the step's labels only (the lower bound of CISS)."""
 from __future__ import annotations
 
-from typing import Dict, Optional
-
-import torch
-
-from ..models.deeplab import SegOutput
-from .base import IGNORE_INDEX, Method, StepContext, cross_entropy
+from .base import IGNORE_INDEX, Method
 
 __all__ = ["Finetune"]
 
@@ -22,12 +17,3 @@ class Finetune(Method):
     def __init__(self, ignore_index: int = IGNORE_INDEX) -> None:
         self.ignore_index = ignore_index
 
-    def terms(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        student_out: SegOutput,
-        teacher_out: Optional[SegOutput],
-        ctx: StepContext,
-    ) -> Dict[str, torch.Tensor]:
-        return {"ce": cross_entropy(student_out.logits, labels, self.ignore_index)}

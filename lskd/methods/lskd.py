@@ -47,7 +47,6 @@ from .base import (
     Method,
     StepContext,
     collapse_new_into_background,
-    cross_entropy,
     pod_scales,
     upsample_logits,
 )
@@ -294,17 +293,14 @@ class LSKD(Method):
             )
         return out
 
-    def terms(
+    def incremental_terms(
         self,
         images: torch.Tensor,
         labels: torch.Tensor,
         student_out: SegOutput,
-        teacher_out: Optional[SegOutput],
+        teacher_out: SegOutput,
         ctx: StepContext,
     ) -> Dict[str, torch.Tensor]:
-        if not ctx.incremental:
-            return {"ce": cross_entropy(student_out.logits, labels, self.ignore_index)}
-        self._check_teacher(teacher_out, ctx)
         o = ctx.old_classes
         size = labels.shape[-2:]
         erased = self._erased(images, labels, ctx) if self.masked_maps() else None

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.deeplab import SegOutput
-from .base import IGNORE_INDEX, Method, StepContext, cross_entropy, to_acc, upsample_logits
+from .base import IGNORE_INDEX, Method, StepContext, to_acc, upsample_logits
 
 __all__ = ["unbiased_cross_entropy", "unbiased_kd", "MiB"]
 
@@ -108,17 +108,14 @@ class MiB(Method):
     def term_names(self, ctx: StepContext) -> List[str]:
         return ["unce", "unkd"] if ctx.incremental else ["ce"]
 
-    def terms(
+    def incremental_terms(
         self,
         images: torch.Tensor,
         labels: torch.Tensor,
         student_out: SegOutput,
-        teacher_out: Optional[SegOutput],
+        teacher_out: SegOutput,
         ctx: StepContext,
     ) -> Dict[str, torch.Tensor]:
-        if not ctx.incremental:
-            return {"ce": cross_entropy(student_out.logits, labels, self.ignore_index)}
-        self._check_teacher(teacher_out, ctx)
         size = labels.shape[-2:]
         s_logits = upsample_logits(student_out.logits, size)
         t_logits = upsample_logits(teacher_out.logits, size)

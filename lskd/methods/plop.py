@@ -240,17 +240,14 @@ class PLOP(Method):
         if teacher is not None and ctx.incremental:
             self.labeler.prepare(teacher, batches, ctx.old_classes)
 
-    def terms(
+    def incremental_terms(
         self,
         images: torch.Tensor,
         labels: torch.Tensor,
         student_out: SegOutput,
-        teacher_out: Optional[SegOutput],
+        teacher_out: SegOutput,
         ctx: StepContext,
     ) -> Dict[str, torch.Tensor]:
-        if not ctx.incremental:
-            return {"ce": cross_entropy(student_out.logits, labels, self.ignore_index)}
-        self._check_teacher(teacher_out, ctx)
         o = ctx.old_classes
         out = {"ce": pseudo_labelled_ce(self.labeler, labels, student_out.logits, teacher_out.logits, o)}
         scale = math.sqrt(ctx.total_classes / max(ctx.new_classes, 1)) if self.pod_schedule else 1.0
