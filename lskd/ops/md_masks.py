@@ -149,11 +149,11 @@ def md_masks(
     is_old = labels < old_classes
     rho_old = is_old.sum(dim=(1, 2)) / total
     rho_new = (~is_old & (labels != ignore_index)).sum(dim=(1, 2)) / total
-    flat_bg, flat_new = cos_bg.reshape(n, -1), cos_new.reshape(n, -1)
-    spatial = (flat_bg >= batched_quantile(flat_bg, rho_old)[:, None]) | (
-        flat_new <= batched_quantile(flat_new, rho_new)[:, None]
-    )
-    channel = (gap_bg >= batched_quantile(gap_bg, rho_old)[:, None]) | (
-        gap_new <= batched_quantile(gap_new, rho_new)[:, None]
-    )
+    # One sort for both cosine maps and one for both gap vectors (rows: bg then new).
+    q = torch.cat([rho_old, rho_new])
+    cos = torch.cat([cos_bg.reshape(n, -1), cos_new.reshape(n, -1)])
+    gap = torch.cat([gap_bg, gap_new])
+    q_cos, q_gap = batched_quantile(cos, q)[:, None], batched_quantile(gap, q)[:, None]
+    spatial = (cos[:n] >= q_cos[:n]) | (cos[n:] <= q_cos[n:])
+    channel = (gap[:n] >= q_gap[:n]) | (gap[n:] <= q_gap[n:])
     return spatial.reshape(n, 1, h, w), channel
