@@ -575,8 +575,11 @@ class Trainer:
             s = _seed(cfg.seed, t, epoch, dctx.rank)
             torch.manual_seed(s)
             loader = self._loader(subset, batches, s)
-            sums: Dict[str, float] = {}
-            total_sum, count = 0.0, 0
+            # Running sums stay on the device (float64, the same values as summing Python
+            # floats): one host synchronisation per iteration (the finiteness check), not one per term.
+            names: List[str] = []
+            sums: Optional[torch.Tensor] = None
+            count = 0
             it0 = epoch * per_epoch
             for i, (images, labels) in enumerate(
                 _progress(loader, len(batches), f"{what} epoch {epoch + 1}/{epochs}", self.progress)
@@ -600,18 +603,21 @@ class Trainer:
                 self.weighting.after_backward(student_plain, terms)
                 scaler.step(optimizer)
                 scaler.update()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-                total_sum += float(total.detach())
+                if not names:
+                    names = list(terms)
+                vals = torch.stack([terms[k].detach().double() for k in names] + [total.detach().double()])
+                sums = vals if sums is None else sums + vals
                 count += 1
-            means = {k: v / max(count, 1) for k, v in sums.items()}
+            averages = (sums / count).tolist() if sums is not None else [0.0]
+            means = dict(zip(names, averages[:-1]))
+            total_mean = averages[-1]
             elapsed = time.time() - t0
             self.weighting.end_epoch(epoch, means)
             entry = {
                 "step": t,
                 "epoch": epoch + 1,
                 "loss": means,
-                "total": total_sum / max(count, 1),
+                "total": total_mean,
                 "lr": lr if count else base_lr,
                 "iterations": count,
                 "time_s": round(elapsed, 3),
