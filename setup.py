@@ -50,6 +50,11 @@ def _find_cuda_home() -> str | None:
     return None
 
 
+def _sources(folder: str, pattern: str) -> list:
+    """csrc/<folder>/<pattern>, relative to the project root, sorted."""
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", folder, pattern)))
+
+
 def _extensions():
     if _truthy("LSKD_NO_EXTENSION"):
         _say("LSKD_NO_EXTENSION=1: no compiled extension; the reference backend will be used")
@@ -88,14 +93,13 @@ def _extensions():
         cpp_ext.CUDA_HOME = cuda_home
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "ops.cpp")))]
-    sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
+    sources = [os.path.join("csrc", "ops.cpp")] + _sources("cpu", "*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     define_macros: list = []
     extra_link = ["-fopenmp"]
     if want_cuda:
-        sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
+        sources += _sources("cuda", "*.cu")
         # cusparse.h / cublas_v2.h live in the pip CUDA wheels, not in every toolkit.
         for sp in sys.path:
             inc = os.path.join(sp, "nvidia", "cu13", "include")
