@@ -195,7 +195,9 @@ def _pod_fwd_kernel(
             a = a * nmv
             b = b * nmv
         if SQUARE:
-            z = a * a - b * b
+            # (a - b)(a + b), not a*a - b*b: the GPU compiler contracts the latter into
+            # fma(a, a, -b*b), which is not exactly 0 when a == b.
+            z = (a - b) * (a + b)
         else:
             z = a - b
         if ALIGN_H:
