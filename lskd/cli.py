@@ -64,6 +64,21 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
     p.add_argument("--init-from", default=None, metavar="CKPT", help="start from a step-k checkpoint (e.g. a shared step 0) and train k+1..")
     p.add_argument("--term-weights", default=None, metavar="NAME=W,...", help="fixed weights of loss terms (default 1), e.g. 'unkd=0.5'")
+    g = p.add_argument_group("dynamic weights and scheme search (LSKD, SPEC 3.1 / 3.2)")
+    g.add_argument("--weighting", default="fixed", choices=["fixed", "rge", "gradnorm"],
+                   help="trade-off weights of the loss terms: fixed (1, or --term-weights), rge (regularised "
+                        "gradient equilibrium, as released) or gradnorm (default fixed)")
+    g.add_argument("--weight-lr", type=float, default=None,
+                   help="learning rate of the rge/gradnorm weights (default: the network's, same poly schedule)")
+    g.add_argument("--search", default="none", choices=["none", "bilevel"],
+                   help="bilevel: learn each map's scheme {pod, md, md+mcd, none} and weight on held-out data "
+                        "during the first --search-epochs of every step > 0, then fix the argmax (needs --method lskd)")
+    g.add_argument("--search-epochs", type=int, default=1, help="search epochs at the start of each step > 0 (default 1)")
+    g.add_argument("--search-split", type=float, default=0.1,
+                   help="fraction of the step's training images held out for the upper level (default 0.1)")
+    g.add_argument("--search-order", type=int, default=1, choices=[1, 2],
+                   help="1: hypergradient first order in the step size (default); 2: DARTS unrolled step")
+    g.add_argument("--search-lr", type=float, default=3e-3, help="Adam learning rate of the scheme logits and weights (default 3e-3)")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines")
 
 
@@ -163,6 +178,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         init_from=args.init_from,
         quiet=args.quiet,
         term_weights=parse_weights(args.term_weights),
+        weighting=args.weighting,
+        weight_lr=args.weight_lr,
+        search=args.search,
+        search_epochs=args.search_epochs,
+        search_split=args.search_split,
+        search_order=args.search_order,
+        search_lr=args.search_lr,
     )
     dctx = init_distributed(cfg.device)
     try:

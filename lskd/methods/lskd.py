@@ -57,6 +57,7 @@ __all__ = [
     "SCHEMES",
     "RELEASED_SCHEMES",
     "RELEASED_MAP_FACTORS",
+    "MAP_NAMES",
     "erase_images",
     "split_output",
     "teacher_triplet",
@@ -69,6 +70,8 @@ RELEASED_SCHEMES: Dict[int, str] = {0: "pod", 1: "pod", 2: "md", 3: "md", 4: "md
 #: Base factors of the POD/MD term of each map (L3..L8).
 RELEASED_MAP_FACTORS: Dict[int, float] = {0: 0.01, 1: 0.01, 2: 0.01, 3: 0.01, 4: 0.01, 5: 0.0005}
 LOGITS_MAP = 5
+#: Names of the six distilled maps (SPEC 1), as reported in summaries ("schemes").
+MAP_NAMES: Tuple[str, ...] = ("stage1", "stage2", "stage3", "stage4", "aspp", "logits")
 
 
 def erase_images(

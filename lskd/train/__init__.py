@@ -8,7 +8,7 @@ from .distributed import DistContext, cleanup_distributed, init_distributed
 from .metrics import StepMetrics, confusion_matrix, iou_per_class, mean_iou, reduce_confusion, step_metrics
 from .report import format_table, write_reports
 from .trainer import DATASETS, DEFAULT_EPOCHS, RunError, TrainConfig, Trainer, epoch_batches, evaluate_model, evaluate_run, train
-from .weighting import FixedWeights, Weighting, build_weighting, parse_weights
+from ..weighting import FixedWeights, Weighting, build_weighting, parse_weights
 
 __all__ = [
     "TrainConfig",

@@ -63,13 +63,13 @@ from ..data import (
     step_indices,
     train_lut,
 )
-from ..methods import Method, StepContext, build_method
+from ..methods import MAP_NAMES, Method, StepContext, build_method
 from ..models import DeepLabV3, convert_sync_batchnorm
 from . import report
 from .checkpoint import atomic_save, check_identity, load_checkpoint, rng_state, set_rng_state
 from .distributed import DistContext, barrier, broadcast_object, init_distributed
 from .metrics import confusion_matrix, reduce_confusion, step_metrics
-from .weighting import Weighting, build_weighting
+from ..weighting import WEIGHTINGS, Weighting, build_weighting
 
 __all__ = [
     "TrainConfig",
@@ -138,6 +138,12 @@ class TrainConfig:
     quiet: bool = False
     weighting: str = "fixed"
     term_weights: Dict[str, float] = field(default_factory=dict)
+    weight_lr: Optional[float] = None
+    search: str = "none"
+    search_epochs: int = 1
+    search_split: float = 0.1
+    search_order: int = 1
+    search_lr: float = 3e-3
     train_split: str = "train"
     val_split: str = "val"
 
@@ -157,6 +163,27 @@ class TrainConfig:
             raise RunError(f"--workers must be >= 0, got {self.workers}")
         if self.resume and self.init_from:
             raise RunError("--resume continues the run in --out; it cannot be combined with --init-from")
+        if self.weighting not in WEIGHTINGS:
+            raise RunError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        if self.weighting != "fixed" and self.term_weights:
+            raise RunError(f"--term-weights sets fixed weights; it cannot be combined with --weighting {self.weighting}")
+        if self.weight_lr is not None and not self.weight_lr > 0:
+            raise RunError(f"--weight-lr must be > 0, got {self.weight_lr}")
+        if self.search not in ("none", "bilevel"):
+            raise RunError(f"--search must be 'none' or 'bilevel', got {self.search!r}")
+        if self.search == "bilevel":
+            if self.method.lower() != "lskd":
+                raise RunError(f"--search bilevel searches LSKD's per-map schemes; it needs --method lskd, not {self.method!r}")
+            if self.weighting != "fixed" or self.term_weights:
+                raise RunError("--search bilevel learns the per-map weights itself; use it with --weighting fixed and no --term-weights")
+            if int(self.search_epochs) < 1:
+                raise RunError(f"--search-epochs must be >= 1, got {self.search_epochs}")
+            if not 0.0 < float(self.search_split) < 1.0:
+                raise RunError(f"--search-split must be a fraction in (0, 1), got {self.search_split}")
+            if int(self.search_order) not in (1, 2):
+                raise RunError(f"--search-order must be 1 or 2, got {self.search_order}")
+            if not self.search_lr > 0:
+                raise RunError(f"--search-lr must be > 0, got {self.search_lr}")
 
     @property
     def epochs_step0(self) -> int:
@@ -335,13 +362,23 @@ class Trainer:
             "train_steps": self.train_task.steps,
             "disjoint": bool(cfg.disjoint),
             "method": self.method_name,
+            "weighting": cfg.weighting,
+            "search": cfg.search,
             "backbone": cfg.backbone,
             "output_stride": cfg.output_stride,
         }
         self.history: List[dict] = []
         self.results: Dict[int, dict] = {}
+        self.step_extras: Dict[int, dict] = {}
 
     # -- bookkeeping ------------------------------------------------------------------------
+    def schemes(self, ctx: StepContext) -> Dict[str, str]:
+        """``{map name: scheme}`` the method distils at this step (LSKD; empty for the others and at step 0)."""
+        schemes = getattr(self.method, "schemes", None)
+        if not ctx.incremental or not isinstance(schemes, dict):
+            return {}
+        return {MAP_NAMES[m]: schemes.get(m, "none") for m in range(len(MAP_NAMES))}
+
     def step_path(self, t: int) -> Path:
         return self.ckpt_dir / f"step{t}.pt"
 
@@ -528,9 +565,17 @@ class Trainer:
         per_epoch = len(epoch_batches(len(subset), self.per_rank_batch, cfg.seed, t, 0, dctx.rank, dctx.world_size))
         total_iters = max(1, epochs * per_epoch)
         base_lr = self.lr_of(t)
-        params = [p for p in student.parameters() if p.requires_grad] + list(self.weighting.parameters())
+        # The weighting's learnable weights (RGE / GradNorm) are stepped by the same optimiser,
+        # in their own group: no weight decay, learning rate --weight-lr (default: the network's).
+        self.weighting.begin_step(self.method.term_names(ctx), ctx)
+        if hasattr(self.weighting, "trace_every"):
+            self.weighting.trace_every = max(1, (epochs * per_epoch) // 400)
+        groups = [{"params": [p for p in student.parameters() if p.requires_grad], "base_lr": base_lr}]
+        if self.weighting.parameters():
+            w_lr = cfg.weight_lr if cfg.weight_lr is not None else base_lr
+            groups.append({"params": self.weighting.parameters(), "base_lr": w_lr, "lr": w_lr, "weight_decay": 0.0})
         optimizer = torch.optim.SGD(
-            params, lr=base_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
+            groups, lr=base_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
         )
         scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp == "fp16")
         start_epoch = 0
@@ -557,7 +602,6 @@ class Trainer:
             net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
         student_plain: DeepLabV3 = _unwrap(net)
 
-        self.weighting.begin_step(self.method.term_names(ctx), ctx)
         if t > 0 and self.method.needs_prepare_step and start_epoch < epochs:
             self.method.prepare_step(teacher, self.prepare_batches(subset, t), ctx)
 
@@ -585,9 +629,10 @@ class Trainer:
                 _progress(loader, len(batches), f"{what} epoch {epoch + 1}/{epochs}", self.progress)
             ):
                 it = it0 + i
-                lr = base_lr * (1.0 - it / total_iters) ** cfg.lr_power
+                factor = (1.0 - it / total_iters) ** cfg.lr_power
+                lr = base_lr * factor
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = group["base_lr"] * factor
                 images = images.to(dev, non_blocking=True)
                 labels = labels.to(dev, non_blocking=True)
                 with torch.autocast(device_type=dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
@@ -599,10 +644,12 @@ class Trainer:
                     bad = {k: float(v.detach()) for k, v in terms.items()}
                     raise FloatingPointError(f"{what} epoch {epoch + 1} iteration {i}: non-finite loss {bad}")
                 optimizer.zero_grad(set_to_none=True)
+                # per-term gradients while the graph is alive (RGE / GradNorm; nothing for fixed weights)
+                self.weighting.update(student_plain, terms, scaler.get_scale() if scaler.is_enabled() else 1.0)
                 scaler.scale(total).backward()
-                self.weighting.after_backward(student_plain, terms)
                 scaler.step(optimizer)
                 scaler.update()
+                self.weighting.after_step()
                 if not names:
                     names = list(terms)
                 vals = torch.stack([terms[k].detach().double() for k in names] + [total.detach().double()])
@@ -646,6 +693,14 @@ class Trainer:
                 )
             barrier(dctx)
 
+        self.step_extras[t] = {"weights": self.weighting.weights(), "schemes": self.schemes(ctx)}
+        trace = list(getattr(self.weighting, "trace", []) or [])
+        if dctx.is_main and trace:
+            report.write_json(
+                self.out / "weights" / f"step{t}.json",
+                {"step": t, "weighting": self.weighting.name, "trace": trace},
+            )
+
         # evaluation and the step checkpoint
         model = copy.deepcopy(student_plain) if dctx.distributed and dev.type == "cuda" else student_plain
         if dctx.distributed and dev.type == "cuda":  # back to plain BatchNorm for saving / the next teacher
@@ -686,6 +741,7 @@ class Trainer:
         m = step_metrics(cm, rt, self.task.steps[0], learnt, self.class_names, step_classes).to_dict()
         losses = [h["loss"] for h in self.history if h["step"] == t]
         m["losses"] = losses[-1] if losses else {}
+        m.update(self.step_extras.get(t, {"weights": {}, "schemes": {}}))
         m["_train_step"] = t
         return m
 
@@ -785,17 +841,18 @@ def evaluate_run(
     found = [t for t in range(trainer.train_task.num_steps) if trainer.step_path(t).is_file()]
     if not found:
         raise RunError(f"{trainer.ckpt_dir} holds no step checkpoint to evaluate")
-    saved_losses: Dict[int, dict] = {}
+    saved: Dict[int, dict] = {}
     for t in found:
         ckpt = load_checkpoint(trainer.step_path(t))
         trainer._check_step_ckpt(ckpt, trainer.step_path(t), t, init=False)
         for r in ckpt.get("results", []):
-            saved_losses[int(r["_train_step"])] = r.get("losses", {})
+            saved[int(r["_train_step"])] = {k: r.get(k, {}) for k in ("losses", "weights", "schemes")}
+        trainer.step_extras[t] = {k: v for k, v in saved.get(t, {}).items() if k != "losses"}
         model = _build_model(cfg, ckpt["classes_per_step"])
         model.load_state_dict(ckpt["model"])
         model.to(trainer.device)
         result = trainer.evaluate_step(model, t)
-        result["losses"] = saved_losses.get(t, {})
+        result["losses"] = saved.get(t, {}).get("losses", {})
         trainer.results[t] = result
     summary = trainer.summary()
     rdir = Path(report_dir) if report_dir else out_p / "eval"
