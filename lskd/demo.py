@@ -38,8 +38,14 @@ from .train.trainer import TrainConfig, train
 
 __all__ = ["PRESETS", "DEMO_METHODS", "run_demo", "format_comparison", "plot_comparison"]
 
-DEMO_METHODS: List[str] = ["joint", "finetune", "mib", "plop", "lskd"]
-INCREMENTAL = ["finetune", "mib", "plop", "lskd"]
+DEMO_METHODS: List[str] = ["joint", "finetune", "mib", "plop", "lskd", "lskd+rge", "lskd+search"]
+INCREMENTAL = ["finetune", "mib", "plop", "lskd", "lskd+rge", "lskd+search"]
+#: Demo entries that are LSKD with the dynamic weights (SPEC 3.1) or the bi-level search (SPEC 3.2):
+#: the ``lskd train`` settings they add.
+VARIANTS: Dict[str, dict] = {
+    "lskd+rge": dict(method="lskd", weighting="rge"),
+    "lskd+search": dict(method="lskd", search="bilevel", search_epochs=1),
+}
 
 PRESETS: Dict[str, dict] = {
     "full": dict(
@@ -76,11 +82,11 @@ def _dataset(root: Path, data: dict, seed: int, quiet: bool) -> Path:
 
 def format_comparison(summaries: Dict[str, dict]) -> str:
     """Table of the last step of every method: mIoU old / new / all."""
-    lines = [f"{'method':<10} {'step':>4} {'old':>6} {'new':>6} {'all':>6}"]
+    lines = [f"{'method':<12} {'step':>4} {'old':>6} {'new':>6} {'all':>6}"]
     for name, s in summaries.items():
         e = s["steps"][-1]
         lines.append(
-            f"{name:<10} {e['step']:>4} {report.format_number(e['miou_old'])} "
+            f"{name:<12} {e['step']:>4} {report.format_number(e['miou_old'])} "
             f"{report.format_number(e['miou_new'])} {report.format_number(e['miou_all'])}"
         )
     return "\n".join(lines)
@@ -201,12 +207,16 @@ def run_demo(
         if m == "joint":
             s = train(TrainConfig(method="joint", out=str(out_p / "joint"), **common))
         else:
-            s = train(TrainConfig(method=m, out=str(out_p / m), init_from=str(base_ckpt), **common))
+            run = dict(common, method=m)
+            run.update(VARIANTS.get(m, {}))
+            run.update(preset.get("variants", {}).get(m, {}))
+            s = train(TrainConfig(out=str(out_p / m), init_from=str(base_ckpt), **run))
+            s["method"] = m
         timings[m] = time.time() - t0
         summaries[m] = s
         e = s["steps"][-1]
         say(
-            f"  {m:<9} last step {e['step']}: old {report.format_number(e['miou_old']).strip()} "
+            f"  {m:<11} last step {e['step']}: old {report.format_number(e['miou_old']).strip()} "
             f"new {report.format_number(e['miou_new']).strip()} all {report.format_number(e['miou_all']).strip()}"
             f"  [{timings[m]:.0f}s]"
         )

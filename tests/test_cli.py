@@ -102,10 +102,17 @@ def test_checkpoint_of_another_task(synth, tmp_path, capsys):
     assert code == 2 and "cannot read checkpoint" in capsys.readouterr().err
 
 
-def test_kill9_then_resume_equals_uninterrupted(synth, tmp_path):
+@pytest.mark.parametrize(
+    "variant",
+    [(), ("--weighting", "rge"), ("--search", "bilevel", "--search-epochs", "3")],
+    ids=["fixed", "rge", "search"],
+)
+def test_kill9_then_resume_equals_uninterrupted(synth, tmp_path, variant):
     """SIGKILL during an incremental step (once an epoch checkpoint of step 1 exists), then
-    --resume: the final summary equals an uninterrupted run's, exactly (CPU)."""
-    extra = ("--epochs-next", "6", "--quiet")
+    --resume: the final summary equals an uninterrupted run's, exactly (CPU), with fixed
+    weights, RGE (weights, L(0) and their optimiser state) and the search (scheme logits,
+    map weights, Adam state; the kill lands during the search epochs)."""
+    extra = ("--epochs-next", "6", "--quiet", *variant)
     ref = tmp_path / "ref"
     r = _run(_train_args(synth, ref, *extra, method="lskd"))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -128,6 +135,8 @@ def test_kill9_then_resume_equals_uninterrupted(synth, tmp_path):
     want = json.loads((ref / "summary.json").read_text())
     assert got == want
     assert (out / "metrics.csv").read_text() == (ref / "metrics.csv").read_text()
+    if variant:
+        assert json.loads((out / "weights" / "step1.json").read_text()) == json.loads((ref / "weights" / "step1.json").read_text())
 
 
 @pytest.mark.demo

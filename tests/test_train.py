@@ -239,6 +239,61 @@ def test_ddp_two_processes_gloo(synth, tmp_path):
     assert [e["iou"] for e in ev2["steps"]] == [e["iou"] for e in single["steps"]]
 
 
+DYNAMIC = {
+    "rge": dict(weighting="rge"),
+    "gradnorm": dict(weighting="gradnorm"),
+    "search-order1": dict(search="bilevel", search_epochs=1),
+    "search-order2": dict(search="bilevel", search_epochs=1, search_order=2),
+}
+
+
+@pytest.mark.parametrize("variant", list(DYNAMIC))
+def test_end_to_end_dynamic_weights_and_search(synth, tmp_path, variant):
+    """--weighting rge/gradnorm and --search bilevel (orders 1 and 2) complete a short run; each
+    step reports its final weights and schemes; the weight traces and weights.png are written."""
+    from lskd.methods import MAP_NAMES, RELEASED_SCHEMES, SCHEMES
+
+    out = tmp_path / variant
+    s = train(_cfg(synth, out, "lskd", epochs=2, batch_size=4, **DYNAMIC[variant]))
+    steps = s["steps"]
+    assert [e["step"] for e in steps] == [0, 1, 2]
+    assert steps[0]["weights"] == {"ce": 1.0} and steps[0]["schemes"] == {}
+    for e in steps[1:]:
+        assert set(e["schemes"]) == set(MAP_NAMES) and set(e["schemes"].values()) <= set(SCHEMES)
+        assert set(e["weights"]) == set(e["losses"])  # the terms trained after the search
+        assert all(w > 0 for w in e["weights"].values())
+        if variant.startswith("search"):
+            # the weight of a chosen scheme's terms is its map's learnt weight (the others 1)
+            assert e["weights"]["ce"] == 1.0 and e["weights"]["unkd"] == 1.0
+        else:
+            assert e["schemes"] == {MAP_NAMES[m]: sc for m, sc in RELEASED_SCHEMES.items()}
+            assert sum(e["weights"].values()) == pytest.approx(len(e["weights"]), rel=1e-5)  # renormalised
+        trace = json.loads((out / "weights" / f"step{e['step']}.json").read_text())["trace"]
+        assert trace and ("probabilities" in trace[0]) == variant.startswith("search")
+    assert (out / "weights.png").stat().st_size > 1000
+    assert not (out / "weights" / "step0.json").exists()
+
+
+@pytest.mark.parametrize("variant", [["--weighting", "rge"], ["--search", "bilevel", "--search-order", "2"]], ids=["rge", "search"])
+def test_ddp_two_processes_gloo_dynamic(synth, tmp_path, variant):
+    """torchrun with 2 CPU ranks: RGE (weight gradients averaged over the ranks) and the search
+    (scheme-logit and map-weight gradients averaged, SyncBN-free forwards on the plain module)
+    complete, and the summary reports weights and schemes as one process does."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lskd"]
+    args = [
+        "train", "--dataset", "folder", "--data-root", str(synth), "--task", "2-2", "--method", "lskd",
+        "--out", str(tmp_path / "ddp"), "--backbone", "tiny", "--epochs", "2", "--batch-size", "8",
+        "--crop", "32", "--workers", "0", "--device", "cpu", "--quiet", *variant,
+    ]
+    r = subprocess.run(launcher + args, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    for e in ddp["steps"][1:]:
+        assert e["weights"] and e["schemes"] and set(e["weights"]) == set(e["losses"])
+    assert json.loads((tmp_path / "ddp" / "weights" / "step1.json").read_text())["trace"]
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_runs(synth, tmp_path, amp):
     """--amp bf16 / fp16 (GradScaler) on the CPU: finite losses, a complete summary."""

@@ -18,7 +18,7 @@ from .base import (
 )
 from .finetune import Finetune
 from .joint import Joint
-from .lskd import LSKD, MAP_NAMES, RELEASED_MAP_FACTORS, RELEASED_SCHEMES, SCHEMES, erase_images, split_output, teacher_triplet
+from .lskd import LSKD, MAP_NAMES, RELEASED_MAP_FACTORS, SEARCH, RELEASED_SCHEMES, SCHEMES, erase_images, split_output, teacher_triplet
 from .mib import MiB, unbiased_cross_entropy, unbiased_kd
 from .plop import PLOP, EntropyPseudoLabeler, histogram_median, normalized_entropy, pseudo_label
 
@@ -53,6 +53,7 @@ __all__ = [
     "SCHEMES",
     "RELEASED_SCHEMES",
     "MAP_NAMES",
+    "SEARCH",
     "RELEASED_MAP_FACTORS",
     "unbiased_cross_entropy",
     "unbiased_kd",

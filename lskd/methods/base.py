@@ -56,6 +56,9 @@ class StepContext:
         pixels erased and on the image with new pixels erased (set by ``teacher_forward``).
     run_teacher: optional callable ``images -> SegOutput`` (no grad) that methods may use
         to run the teacher themselves when ``teacher_erased`` is missing.
+    cache: per batch, a dict where a method may keep what depends on the teacher only (LSKD's
+        MD masks), so that evaluating the terms again on the same batch (the search's extra
+        forward passes) does not recompute it.
     """
 
     step: int
@@ -63,6 +66,7 @@ class StepContext:
     new_classes: int
     teacher_erased: Optional[Tuple[SegOutput, SegOutput]] = None
     run_teacher: Optional[Callable[[torch.Tensor], SegOutput]] = None
+    cache: Optional[dict] = None
 
     @property
     def total_classes(self) -> int:

@@ -55,6 +55,7 @@ from .plop import EntropyPseudoLabeler, pseudo_labelled_ce
 
 __all__ = [
     "SCHEMES",
+    "SEARCH",
     "RELEASED_SCHEMES",
     "RELEASED_MAP_FACTORS",
     "MAP_NAMES",
@@ -65,6 +66,9 @@ __all__ = [
 ]
 
 SCHEMES: Tuple[str, ...] = ("pod", "md", "md+mcd", "none")
+#: Not a scheme but the search's setting of a map: every candidate's basic term (pod<l>, md<l> and
+#: the MCD term) is returned, for :mod:`lskd.search` to weight them (SPEC 3.2).
+SEARCH = "search"
 #: The released layer assignment: maps 0-1 Local POD, 2-3 MD, 4 MD + MCD, 5 masked POD (M only).
 RELEASED_SCHEMES: Dict[int, str] = {0: "pod", 1: "pod", 2: "md", 3: "md", 4: "md+mcd", 5: "md"}
 #: Base factors of the POD/MD term of each map (L3..L8).
@@ -152,11 +156,7 @@ class LSKD(Method):
         backend: str = "auto",
     ) -> None:
         self.schemes: Dict[int, str] = dict(RELEASED_SCHEMES if schemes is None else schemes)
-        for m, s in self.schemes.items():
-            if s not in SCHEMES:
-                raise ValueError(f"LSKD: scheme {s!r} for map {m} is not one of {SCHEMES}")
-            if not 0 <= int(m) <= LOGITS_MAP:
-                raise ValueError(f"LSKD: map index {m} outside 0..{LOGITS_MAP}")
+        self.check_schemes(self.schemes)
         self.map_factors: Dict[int, float] = dict(RELEASED_MAP_FACTORS)
         if map_factors is not None:
             self.map_factors.update({int(k): float(v) for k, v in map_factors.items()})
@@ -173,6 +173,21 @@ class LSKD(Method):
         self.backend = backend
 
     # -- bookkeeping -----------------------------------------------------------------
+    @staticmethod
+    def check_schemes(schemes: Mapping[int, str]) -> None:
+        """Every map index in 0..5 and every scheme in :data:`SCHEMES` (or :data:`SEARCH`)."""
+        for m, s in schemes.items():
+            if s not in SCHEMES and s != SEARCH:
+                raise ValueError(f"LSKD: scheme {s!r} for map {m} is not one of {SCHEMES}")
+            if not 0 <= int(m) <= LOGITS_MAP:
+                raise ValueError(f"LSKD: map index {m} outside 0..{LOGITS_MAP}")
+
+    def set_schemes(self, schemes: Mapping[int, str]) -> None:
+        """Replace the per-map schemes (e.g. the search's argmax); maps not given get ``"none"``."""
+        new = {int(m): str(s) for m, s in schemes.items()}
+        self.check_schemes(new)
+        self.schemes = {m: new.get(m, "none") for m in range(LOGITS_MAP + 1)}
+
     @property
     def thresholds(self) -> Optional[torch.Tensor]:
         return self.labeler.thresholds
@@ -188,12 +203,17 @@ class LSKD(Method):
         if not ctx.incremental:
             return ["ce"]
         maps = self._maps()
-        names = ["ce"] + [self.mcd_name(m) for m in maps if self.schemes[m] == "md+mcd"] + ["unkd"]
-        return names + [("pod" if self.schemes[m] == "pod" else "md") + str(m) for m in maps]
+        names = ["ce"] + [self.mcd_name(m) for m in maps if self.schemes[m] in ("md+mcd", SEARCH)] + ["unkd"]
+        for m in maps:
+            if self.schemes[m] == SEARCH:
+                names += [f"pod{m}", f"md{m}"]
+            else:
+                names.append(("pod" if self.schemes[m] == "pod" else "md") + str(m))
+        return names
 
     def masked_maps(self) -> List[int]:
         """Maps whose scheme needs the MD masks."""
-        return [m for m in self._maps() if self.schemes[m] in ("md", "md+mcd")]
+        return [m for m in self._maps() if self.schemes[m] in ("md", "md+mcd", SEARCH)]
 
     # -- step / teacher ----------------------------------------------------------------
     def prepare_step(
@@ -218,7 +238,7 @@ class LSKD(Method):
         if not self.masked_maps():
             return teacher(images), ctx
         a, cb, dn = teacher_triplet(teacher, images, labels, ctx.old_classes, self.fused_teacher, self.ignore_index)
-        return a, ctx.replace(teacher_erased=(cb, dn))
+        return a, ctx.replace(teacher_erased=(cb, dn), cache={})
 
     def _erased(self, images: torch.Tensor, labels: torch.Tensor, ctx: StepContext) -> Tuple[SegOutput, SegOutput]:
         if ctx.teacher_erased is not None:
@@ -269,11 +289,16 @@ class LSKD(Method):
         channel: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """The terms of one map under one scheme (student logits map already collapsed to O
-        channels). ``spatial [N, 1, h, w]`` / ``channel [N, C]`` are required for md schemes."""
+        channels). ``spatial [N, 1, h, w]`` / ``channel [N, C]`` are required for md schemes.
+        :data:`SEARCH` returns every candidate's basic term: ``pod{l}``, ``md{l}`` and the MCD term."""
         if scheme == "none":
             return {}
         factor = self.map_factors[map_index]
         scales = pod_scales(student_map, self.scales)
+        if scheme == SEARCH:
+            out = self.distill_map(map_index, "pod", student_map, teacher_map)
+            out.update(self.distill_map(map_index, "md+mcd", student_map, teacher_map, spatial, channel))
+            return out
         if scheme == "pod":
             return {f"pod{map_index}": factor * ops.pod_distill(student_map, teacher_map, scales=scales, backend=self.backend)}
         if spatial is None:
@@ -314,15 +339,30 @@ class LSKD(Method):
             if m == LOGITS_MAP:
                 s_map = collapse_new_into_background(s_map, o)
             spatial = channel = None
-            if scheme in ("md", "md+mcd"):
-                spatial, channel = self.masks(m, teacher_out, erased, labels, o)
+            if scheme in ("md", "md+mcd", SEARCH):
+                key = ("md_masks", m)
+                if ctx.cache is not None and key in ctx.cache:
+                    spatial, channel = ctx.cache[key]
+                else:
+                    spatial, channel = self.masks(m, teacher_out, erased, labels, o)
+                    if ctx.cache is not None:
+                        ctx.cache[key] = (spatial, channel)
             per_map.update(self.distill_map(m, scheme, s_map, t_map, spatial, channel))
-        out: Dict[str, torch.Tensor] = {
-            "ce": pseudo_labelled_ce(self.labeler, labels, student_out.logits, teacher_out.logits, o)
-        }
+        cls = self.classification_terms(labels, student_out, teacher_out, ctx)
+        out: Dict[str, torch.Tensor] = {"ce": cls["ce"]}
         out.update({k: v for k, v in per_map.items() if k.startswith("mcd")})
-        s_logits = upsample_logits(student_out.logits, size)
-        t_logits = upsample_logits(teacher_out.logits, size)
-        out["unkd"] = self.unkd_factor * unbiased_kd(s_logits, t_logits)
+        out["unkd"] = cls["unkd"]
         out.update({k: v for k, v in per_map.items() if not k.startswith("mcd")})
         return out
+
+    def classification_terms(
+        self, labels: torch.Tensor, student_out: SegOutput, teacher_out: SegOutput, ctx: StepContext
+    ) -> Dict[str, torch.Tensor]:
+        """``{"ce": pseudo-labelled CE x adaptive factor, "unkd": 10 * UNKD}`` of a step t > 0 (the
+        terms without distillation maps; also the search's upper-level objective, SPEC 3.2)."""
+        o = ctx.old_classes
+        size = labels.shape[-2:]
+        ce = pseudo_labelled_ce(self.labeler, labels, student_out.logits, teacher_out.logits, o)
+        s_logits = upsample_logits(student_out.logits, size)
+        t_logits = upsample_logits(teacher_out.logits, size)
+        return {"ce": ce, "unkd": self.unkd_factor * unbiased_kd(s_logits, t_logits)}

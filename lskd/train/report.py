@@ -12,6 +12,12 @@ neither ground truth nor prediction). ``classes`` = the classes learnt AT that s
 keys are every class learnt up to it). Extra keys written here: ``disjoint``, ``backbone``,
 ``class_names``, ``offline`` (joint training: one step with every class, reported as the last
 step of the task) and per step ``losses`` (mean of each loss term over the last epoch).
+Also per step: ``weights`` (``{term name: final weight}``: 1, --term-weights, or the weights
+learnt by RGE / GradNorm / the search) and ``schemes`` (``{map name: scheme}`` that LSKD
+distilled each map with; ``{}`` for the other methods and at step 0).
+
+``weights/step{t}.json`` (dynamic weights and the search) holds the trace of the weights (and
+of the scheme probabilities) over the updates; ``weights.png`` plots it.
 
 ``metrics.csv``: one row per (step, class): ``step,class_id,class,group,iou`` with
 ``group`` = old | new and an empty ``iou`` when undefined.
@@ -40,6 +46,7 @@ __all__ = [
     "format_table",
     "format_number",
     "write_reports",
+    "plot_weights",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -140,6 +147,85 @@ def plot_miou(path: PathLike, summary: dict) -> Optional[Path]:
     finally:
         plt.close(fig)
     return path
+
+
+def _map_label(m: str) -> str:
+    from ..methods import MAP_NAMES
+
+    i = int(m)
+    return f"map {i} ({MAP_NAMES[i]})" if 0 <= i < len(MAP_NAMES) else f"map {i}"
+
+
+def plot_weights(path: PathLike, traces: Sequence[dict]) -> Optional[Path]:
+    """``weights.png`` from the per-step traces ``[{"step", "weighting", "trace": [...]}, ...]``.
+
+    Top: every weight against the update index (the steps one after the other, separated by
+    dashed lines). When a trace holds scheme probabilities (the search), one panel per map
+    below: the probability of each scheme against the update index. None without matplotlib
+    or without any trace entry."""
+    traces = [t for t in sorted(traces, key=lambda t: t["step"]) if t.get("trace")]
+    if not traces:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return None
+    maps = sorted({m for t in traces for e in t["trace"] for m in e.get("probabilities", {})}, key=int)
+    ncols = max(1, min(3, len(maps)))
+    nrows = 1 + (len(maps) + ncols - 1) // ncols if maps else 1
+    fig = plt.figure(figsize=(5 * max(ncols, 2), 3.2 * nrows), dpi=100)
+    grid = fig.add_gridspec(nrows, ncols)
+    ax = fig.add_subplot(grid[0, :])
+    starts = []
+    offset = 0
+    for t in traces:
+        starts.append(offset)
+        offset += max(int(e.get("update", 0)) for e in t["trace"])
+    series: Dict[str, tuple] = {}
+    for t, start in zip(traces, starts):
+        for e in t["trace"]:
+            for name, w in e.get("weights", {}).items():
+                label = _map_label(name) if "probabilities" in e else name
+                xs, ys = series.setdefault(label, ([], []))
+                xs.append(start + int(e.get("update", 0)))
+                ys.append(w)
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, "-", label=label, linewidth=1.2)
+    for b in starts[1:]:
+        ax.axvline(b, linestyle="--", color="gray", alpha=0.6)
+    ax.set_title("weights over the updates (steps " + ", ".join(str(t["step"]) for t in traces) + ")")
+    ax.set_xlabel("update")
+    ax.set_ylabel("weight")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=min(5, max(1, len(series))), loc="best")
+    for k, m in enumerate(maps):
+        pax = fig.add_subplot(grid[1 + k // ncols, k % ncols])
+        curves: Dict[str, tuple] = {}
+        for t, start in zip(traces, starts):
+            for e in t["trace"]:
+                for scheme, p in e.get("probabilities", {}).get(m, {}).items():
+                    xs, ys = curves.setdefault(scheme, ([], []))
+                    xs.append(start + int(e.get("update", 0)))
+                    ys.append(p)
+        for scheme, (xs, ys) in curves.items():
+            pax.plot(xs, ys, "-", label=scheme)
+        for b in starts[1:]:
+            pax.axvline(b, linestyle="--", color="gray", alpha=0.6)
+        pax.set_ylim(0, 1)
+        pax.set_title(f"{_map_label(m)}: scheme probabilities", fontsize=9)
+        pax.grid(alpha=0.3)
+        if k == 0:
+            pax.legend(fontsize=7)
+    fig.tight_layout()
+    try:
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def format_number(v: Optional[float], width: int = 6) -> str:

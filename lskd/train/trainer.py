@@ -63,7 +63,8 @@ from ..data import (
     step_indices,
     train_lut,
 )
-from ..methods import MAP_NAMES, Method, StepContext, build_method
+from ..methods import MAP_NAMES, SEARCH, Method, StepContext, build_method
+from ..search import SchemeSearch, SearchWeighting
 from ..models import DeepLabV3, convert_sync_batchnorm
 from . import report
 from .checkpoint import atomic_save, check_identity, load_checkpoint, rng_state, set_rng_state
@@ -232,6 +233,17 @@ def epoch_batches(
     if len(batches) > 1 and len(batches[-1]) < per_rank:
         batches.pop()
     return batches
+
+
+def _cycle(make_loader):
+    """Endless iterator over fresh loaders from ``make_loader()`` (the search's held-out batches)."""
+    while True:
+        empty = True
+        for item in make_loader():
+            empty = False
+            yield item
+        if empty:
+            raise RunError("the search's held-out split yields no batch")
 
 
 class _Log:
@@ -538,6 +550,75 @@ class Trainer:
                 self.results.update({int(r["_train_step"]): r for r in load_checkpoint(self.step_path(t)).get("results", [])})
         return first, last, model
 
+    # -- the search (SPEC 3.2) --------------------------------------------------------------------
+    def search_split(self, n: int, t: int) -> Tuple[List[int], List[int]]:
+        """``(lower, held_out)``: indices into the step's training subset, split once per (seed, step);
+        ``--search-split`` of the images (at least 2 per rank, for BatchNorm) are held out for the
+        upper level; its batches are at most the training batch."""
+        g = torch.Generator().manual_seed(_seed(self.cfg.seed, t, 0x5EA7C4))
+        perm = torch.randperm(n, generator=g).tolist()
+        k = max(int(round(self.cfg.search_split * n)), 2 * self.dctx.world_size)
+        if n - k < 2 * self.dctx.world_size:
+            raise RunError(
+                f"step {t} has {n} training images: too few to hold out {k} for the search "
+                f"(--search-split {self.cfg.search_split}, batch {self.per_rank_batch} per rank)"
+            )
+        return sorted(perm[k:]), sorted(perm[:k])
+
+    def _finish_search(self, ctx: StepContext, what: str) -> None:
+        """Fix the argmax scheme of every map and the learnt map weights for the rest of the step."""
+        chosen = self.weighting.finish()
+        self.method.set_schemes(chosen)
+        self.weighting.begin_step(self.method.term_names(ctx), ctx)
+        w = self.weighting.search.weights()
+        self.log(
+            f"{what}: search done; schemes "
+            + ", ".join(f"{MAP_NAMES[m]} {chosen[m]} (w {w[m]:.2f})" for m in sorted(chosen))
+        )
+
+    def _search_update(
+        self,
+        student: DeepLabV3,
+        teacher: Optional[DeepLabV3],
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        t_out,
+        bctx: StepContext,
+        ctx: StepContext,
+        val_iter,
+        lr: float,
+        scaler,
+    ) -> None:
+        """One upper-level step: hypergradient of the held-out CE + UNKD with respect to the scheme
+        logits and map weights (finite differences on this batch's terms), then Adam."""
+        dev = self.device
+        amp = dict(device_type=dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+        v_images, v_labels = next(val_iter)
+        v_images = v_images.to(dev, non_blocking=True)
+        v_labels = v_labels.to(dev, non_blocking=True)
+        with torch.no_grad(), torch.autocast(**amp):
+            v_teacher = teacher(v_images)
+        method = self.method
+
+        def val_loss_fn() -> torch.Tensor:
+            with torch.autocast(**amp):
+                c = method.classification_terms(v_labels, student(v_images), v_teacher, ctx)
+            return c["ce"].float() + c["unkd"].float()
+
+        def terms_fn():  # float32 even under --amp: finite differences of bf16 losses are noise
+            return method.terms(images, labels, student(images), t_out, bctx)
+
+        params = [p for p in student.parameters() if p.requires_grad]
+        train_grads = None
+        if self.cfg.search_order == 2:
+            inv = 1.0 / scaler.get_scale() if scaler.is_enabled() else 1.0
+            train_grads = [None if p.grad is None else p.grad * inv for p in params]
+        diag = self.weighting.search.hypergradient(
+            params, terms_fn, val_loss_fn, xi=lr, train_grads=train_grads, buffers_of=student
+        )
+        self.weighting.search.step()
+        self.weighting.record(diag)
+
     # -- one step -----------------------------------------------------------------------------
     def train_step(self, t: int, prev: Optional[DeepLabV3]) -> DeepLabV3:
         """Train step ``t`` (resuming from its epoch checkpoint when there is one), evaluate,
@@ -565,8 +646,16 @@ class Trainer:
         per_epoch = len(epoch_batches(len(subset), self.per_rank_batch, cfg.seed, t, 0, dctx.rank, dctx.world_size))
         total_iters = max(1, epochs * per_epoch)
         base_lr = self.lr_of(t)
-        # The weighting's learnable weights (RGE / GradNorm) are stepped by the same optimiser,
-        # in their own group: no weight decay, learning rate --weight-lr (default: the network's).
+        # A fresh weighting per step. The learnable weights of RGE / GradNorm are stepped by the
+        # same optimiser, in their own group: no weight decay, learning rate --weight-lr (default:
+        # the network's). The search (SPEC 3.2) has its own Adam on the scheme logits and map weights.
+        searching = cfg.search == "bilevel" and ctx.incremental
+        search_epochs = min(int(cfg.search_epochs), epochs) if searching else 0
+        if searching:
+            self.weighting = SearchWeighting(SchemeSearch(order=cfg.search_order, lr=cfg.search_lr).to(dev))
+            self.method.set_schemes({m: SEARCH for m in range(len(MAP_NAMES))})
+        else:
+            self.weighting = build_weighting(cfg.weighting, cfg.term_weights)
         self.weighting.begin_step(self.method.term_names(ctx), ctx)
         if hasattr(self.weighting, "trace_every"):
             self.weighting.trace_every = max(1, (epochs * per_epoch) // 400)
@@ -590,6 +679,9 @@ class Trainer:
             if state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             self.weighting.load_state_dict(state.get("weighting", {}))
+            if searching and self.weighting.finished:  # the search ended before the kill
+                self.method.set_schemes(self.weighting.chosen)
+                self.weighting.begin_step(self.method.term_names(ctx), ctx)
             self.history = list(state.get("history", []))
             set_rng_state(state.get("rng"))
             start_epoch = int(state["epoch"]) + 1
@@ -612,11 +704,23 @@ class Trainer:
                 f"{len(subset)} images, {epochs} epochs x {per_epoch} iterations, lr {base_lr:g}, "
                 f"batch {cfg.batch_size} ({dctx.world_size} rank(s)), device {dev}"
             )
+        lower_part, held_out = self.search_split(len(subset), t) if searching else (None, None)
         for epoch in range(start_epoch, epochs):
             t0 = time.time()
             net.train()
-            batches = epoch_batches(len(subset), self.per_rank_batch, cfg.seed, t, epoch, dctx.rank, dctx.world_size)
+            if searching and not self.weighting.finished and epoch >= search_epochs:
+                self._finish_search(ctx, what)
+            in_search = searching and not self.weighting.finished
             s = _seed(cfg.seed, t, epoch, dctx.rank)
+            if in_search:  # the lower level trains on the images that are not held out
+                batches = [[lower_part[i] for i in b] for b in epoch_batches(
+                    len(lower_part), self.per_rank_batch, cfg.seed, t, epoch, dctx.rank, dctx.world_size)]
+                held_batches = [[held_out[i] for i in b] for b in epoch_batches(
+                    len(held_out), self.per_rank_batch, cfg.seed + 0x5EA, t, epoch, dctx.rank, dctx.world_size)]
+                torch.manual_seed(s)
+                val_iter = _cycle(lambda: self._loader(subset, held_batches, _seed(s, 0x5EA)))
+            else:
+                batches = epoch_batches(len(subset), self.per_rank_batch, cfg.seed, t, epoch, dctx.rank, dctx.world_size)
             torch.manual_seed(s)
             loader = self._loader(subset, batches, s)
             # Running sums stay on the device (float64, the same values as summing Python
@@ -647,6 +751,8 @@ class Trainer:
                 # per-term gradients while the graph is alive (RGE / GradNorm; nothing for fixed weights)
                 self.weighting.update(student_plain, terms, scaler.get_scale() if scaler.is_enabled() else 1.0)
                 scaler.scale(total).backward()
+                if in_search:
+                    self._search_update(student_plain, teacher, images, labels, t_out, bctx, ctx, val_iter, lr, scaler)
                 scaler.step(optimizer)
                 scaler.update()
                 self.weighting.after_step()
@@ -693,6 +799,8 @@ class Trainer:
                 )
             barrier(dctx)
 
+        if searching and not self.weighting.finished:  # every epoch was a search epoch
+            self._finish_search(ctx, what)
         self.step_extras[t] = {"weights": self.weighting.weights(), "schemes": self.schemes(ctx)}
         trace = list(getattr(self.weighting, "trace", []) or [])
         if dctx.is_main and trace:
@@ -796,6 +904,8 @@ class Trainer:
         summary = self.summary()
         if self.dctx.is_main:
             report.write_reports(self.out, summary, [self.class_names[c] for c in self.task.steps[0]])
+            traces = [json.loads(p.read_text()) for p in sorted((self.out / "weights").glob("step*.json"))]
+            report.plot_weights(self.out / "weights.png", traces)
             self.log(report.format_table(summary), always=True)
             self.log(f"wrote {self.out / 'summary.json'} ({time.time() - t_start:.1f}s)")
         barrier(self.dctx)
