@@ -4,14 +4,14 @@
 # self-test and the GPU tests, run the GPU benchmarks, write everything into
 # $OUT (default benches/results/gpu-run) and print a short table last.
 #
-#   bash benches/gpu_check.sh            # all stages, about 6-8 minutes
+#   bash benches/gpu_check.sh            # all stages, about 8 minutes
 #   STAGES="build bench" bash benches/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benches/results/gpu-run}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"build tests bench"}
+STAGES=${STAGES:-"build tests bench trainbench"}
 TEST_TIMEOUT=${TEST_TIMEOUT:-240}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-330}
 # Wheels brought along for packages the GPU machine lacks (e.g. expecttest for opcheck).
@@ -70,6 +70,14 @@ if stage bench; then
   for part in 1 2; do
     [ -s "$OUT/bench$part.json" ] && $PY benches/summarize.py "$OUT/bench$part.json" --markdown "$OUT/summary$part.md"
   done
+fi
+if stage trainbench; then
+  # Seconds per LSKD training iteration: fixed weights, RGE, GradNorm, the search (orders 1, 2).
+  log "training-iteration benchmark (weighting / search overhead)"
+  timeout ${TRAIN_BENCH_TIMEOUT:-180} $PY -m pytest benches/test_bench_training.py -q -p no:cacheprovider --benchmark-only \
+      --benchmark-json="$OUT/train.json" > "$OUT/train.log" 2>&1
+  [ $? = 0 ] || { status=1; tail -15 "$OUT/train.log"; }
+  [ -s "$OUT/train.json" ] && $PY benches/summarize.py "$OUT/train.json" --markdown "$OUT/train.md"
 fi
 log "done, status $status"
 exit $status

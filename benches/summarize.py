@@ -17,6 +17,8 @@ def rows(data):
     groups = defaultdict(dict)
     for b in data["benchmarks"]:
         e = b["extra_info"]
+        if "floor_ms" not in e:  # not an operator benchmark (training, overhead)
+            continue
         groups[(e["op"], e["shape"], e["dtype"])][e["backend"]] = (b["stats"]["median"], e)
     out = []
     for (op, shape, dtype), by_backend in groups.items():
@@ -65,6 +67,29 @@ def table(data) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def training_table(data) -> str:
+    """Seconds per training iteration per weighting / search variant (benches/test_bench_training.py)."""
+    runs = {b["extra_info"]["variant"]: b["extra_info"] for b in data["benchmarks"] if b["extra_info"].get("kind") == "training"}
+    if not runs:
+        return ""
+    first = next(iter(runs.values()))
+    base = runs.get("fixed", {}).get("s_per_iter")
+    lines = [
+        f"training iteration, LSKD step 1 ({first['backbone']}, {first['size']}x{first['size']}, batch {first['batch']}) "
+        f"on {first.get('gpu') or first.get('device')}",
+        "",
+        "| variant | s / iteration | vs fixed | s / search iteration | search vs fixed |",
+        "|---|---|---|---|---|",
+    ]
+    for name, e in runs.items():
+        s_it, s_se = e["s_per_iter"], e.get("s_per_iter_search")
+        lines.append(
+            f"| {name} | {s_it:.3f} | {fmt(s_it / base if base else None, '.2f')} | {fmt(s_se, '.3f')} | "
+            f"{fmt(s_se / base if base and s_se else None, '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", help="pytest-benchmark JSON file")
@@ -72,7 +97,7 @@ def main() -> None:
     args = p.parse_args()
     with open(args.json) as fh:
         data = json.load(fh)
-    text = table(data)
+    text = "\n".join(t for t in (table(data) if rows(data) else "", training_table(data)) if t)
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as fh:

@@ -52,11 +52,13 @@ PRESETS: Dict[str, dict] = {
         data=dict(classes=6, images=600, val_images=200, size=64, max_objects=3),
         task="3-1",
         train=dict(backbone="tiny", output_stride=8, epochs=40, epochs_next=25, batch_size=32, crop=64, lr=0.1, lr_next=0.03),
+        variants={"lskd+search": dict(search_epochs=4, search_lr=0.02)},
     ),
     "quick": dict(
         data=dict(classes=6, images=240, val_images=96, size=64, max_objects=3),
         task="3-1",
         train=dict(backbone="tiny", output_stride=8, epochs=20, epochs_next=10, batch_size=32, crop=64, lr=0.1, lr_next=0.03),
+        variants={"lskd+search": dict(search_epochs=2, search_lr=0.02)},
     ),
 }
 
