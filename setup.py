@@ -1,6 +1,7 @@
 """Build of lskd: the Python package, the Triton kernels and the lskd._C extension.
 
-lskd._C always holds the C++ CPU kernels (csrc/ops.cpp, csrc/cpu/*.cpp, OpenMP).
+lskd._C always holds the C++ CPU kernels (csrc/*.cpp: schemas, autograd and
+fused ops; csrc/cpu/*.cpp, OpenMP).
 The CUDA kernels (csrc/cuda/*.cu) are added when a CUDA build of torch and
 nvcc are found, or when FORCE_CUDA=1 (which also works without a GPU, e.g. in
 CI). Environment:
@@ -51,7 +52,7 @@ def _find_cuda_home() -> str | None:
 
 
 def _sources(folder: str, pattern: str) -> list:
-    """csrc/<folder>/<pattern>, relative to the project root, sorted."""
+    """csrc/<folder>/<pattern> (csrc/<pattern> for folder ""), relative to the project root, sorted."""
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", folder, pattern)))
 
 
@@ -93,7 +94,7 @@ def _extensions():
         cpp_ext.CUDA_HOME = cuda_home
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    sources = [os.path.join("csrc", "ops.cpp")] + _sources("cpu", "*.cpp")
+    sources = _sources("", "*.cpp") + _sources("cpu", "*.cpp")  # csrc/*.cpp: schemas, autograd, fused ops
     include_dirs = [os.path.join(ROOT, "csrc")]
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     define_macros: list = []

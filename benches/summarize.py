@@ -59,10 +59,12 @@ def table(data) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows(data):
+        if r["floor_ms"] < 1e-3:  # fixed-cost (overhead) rows: no meaningful memory floor
+            r.update(x_floor=None, bw_frac=None)
         lines.append(
             f"| {r['op']} | {r['shape'] if len(r['shape']) < 30 else 'six LSKD maps'} | {r['dtype']} | {r['backend']} | "
             f"{r['ms']:.3f} | {fmt(r['vs_eager'], '.1f')} | {fmt(r['vs_compile'], '.1f')} | {r['floor_ms']:.3f} | "
-            f"{r['x_floor']:.1f} | {r['GBps']:.1f} | {100 * r['bw_frac']:.0f} | {fmt(r['peak_MB'], '.0f')} |"
+            f"{fmt(r['x_floor'], '.1f')} | {r['GBps']:.1f} | {fmt(r['bw_frac'] and 100 * r['bw_frac'], '.0f')} | {fmt(r['peak_MB'], '.0f')} |"
         )
     return head + "\n".join(lines) + "\n"
 

@@ -4,8 +4,11 @@
 //   csrc/cpu/<op>.cpp   TORCH_LIBRARY_IMPL(lskd, CPU, m)
 //   csrc/cuda/<op>.cu   TORCH_LIBRARY_IMPL(lskd, CUDA, m)
 // The Triton backend (kernels/<op>.py) registers Python custom ops with the
-// same signatures under the namespace "lskd_triton". Autograd and fake
-// (meta) kernels are registered once, in Python (lskd/ops/<op>.py).
+// same signatures under the namespace "lskd_triton" (pod_forward/backward,
+// sop_forward/backward, md_stats). The autograd kernels of the lskd ops are
+// C++ (csrc/autograd.cpp, TORCH_LIBRARY_IMPL(lskd, Autograd, m)); the fake
+// (meta) kernels are registered in Python (lskd/ops/<op>.py), as are the
+// autograd formulas of the Triton ops.
 //
 // Conventions shared by every op (see ../shared/SPEC.md section 2):
 //   * student/teacher: [N, C, H, W], float32/float64/bfloat16/float16, the
@@ -49,12 +52,24 @@
 //       * sum over pooled positions (ho, wo) whose window covers (h, w) of pooled_grad[n, c, ho, wo].
 //   student is passed for its shape, dtype and memory format only.
 //
+// pod_distill / sop_distill  (the loss terms, one op and one autograd node each)
+//   pod_forward / sop_forward with the same arguments, then dist reduced over
+//   the batch: reduction 0 = none ([N]), 1 = mean, 2 = sum (0-dim), as
+//   at::Reduction. Kernels: csrc/autograd.cpp (one for CPU and CUDA, calling
+//   the backend's *_forward; the backward calls *_backward).
+//
 // md_stats  (SPEC 2.3, the fused statistics of the MD masks)
 //   feat (A), feat_bg_erased (Cb), feat_new_erased (Dn): [N, C, H, W] (no masks).
 //   cos_bg[n, h, w]  = <A, Cb> / (max(|A|, eps) * max(|Cb|, eps))   (over channels)
 //   cos_new[n, h, w] = <A, Dn> / (max(|A|, eps) * max(|Dn|, eps))
 //   gap_bg[n, c]  = |mean_hw Cb - mean_hw A|,  gap_new[n, c] = |mean_hw Dn - mean_hw A|.
 //   (This is torch.nn.functional.cosine_similarity's definition.)
+//
+// md_masks  (SPEC 2.3, the masks; csrc/md_masks.cpp, one kernel for CPU and CUDA)
+//   md_stats, then per image the quantiles of the statistics at rho_old / rho_new
+//   (labels [N, Hl, Wl]) and the comparisons, exactly as lskd/ops/md_masks.py:
+//   spatial_mask [N, 1, H, W] bool, channel_mask [N, C] bool. float64_ranks: the
+//   installed torch.quantile computes float32 ranks in float64.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -75,6 +90,12 @@ TORCH_LIBRARY(lskd, m) {
         "int groups, int[] window, int[] stride, int[] padding) -> (Tensor dist, Tensor pooled_grad)");
   m.def("sop_backward(Tensor grad_dist, Tensor student, Tensor? spatial_mask, Tensor? channel_mask, "
         "Tensor dist, Tensor pooled_grad, int groups, int[] window, int[] stride, int[] padding) -> Tensor");
+  m.def("pod_distill(Tensor student, Tensor teacher, Tensor? spatial_mask, Tensor? channel_mask, "
+        "int[] scales, bool square, int reduction) -> Tensor");
+  m.def("sop_distill(Tensor student, Tensor teacher, Tensor? spatial_mask, Tensor? channel_mask, "
+        "int groups, int[] window, int[] stride, int[] padding, int reduction) -> Tensor");
   m.def("md_stats(Tensor feat, Tensor feat_bg_erased, Tensor feat_new_erased, float eps) "
         "-> (Tensor cos_bg, Tensor cos_new, Tensor gap_bg, Tensor gap_new)");
+  m.def("md_masks(Tensor feat, Tensor feat_bg_erased, Tensor feat_new_erased, Tensor labels, int old_classes, "
+        "int ignore_index, float eps, bool float64_ranks) -> (Tensor spatial_mask, Tensor channel_mask)");
 }

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["load_error", "has_cpu_kernels", "has_cuda_kernels"]
+__all__ = ["load_error", "has_cpu_kernels", "has_cuda_kernels", "has_cpp_autograd", "has_cpp_md_masks"]
 
 _ERROR: Optional[str] = None
 _LOADED = False
@@ -53,12 +53,21 @@ def load_error() -> Optional[str]:
 
 
 def _has_kernel(op: str, key: str) -> bool:
-    return _LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+    if not _LOADED:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+    except RuntimeError:  # the operator does not exist (an lskd._C older than the sources)
+        return False
 
 
 # Plain booleans, computed once: torch.compile can read them while tracing.
 _HAS_CPU = _has_kernel("lskd::pod_forward", "CPU")
 _HAS_CUDA = _has_kernel("lskd::pod_forward", "CUDA")
+_HAS_CPP_AUTOGRAD = all(
+    _has_kernel(f"lskd::{op}", "Autograd") for op in ("pod_forward", "sop_forward", "pod_distill", "sop_distill")
+)
+_HAS_CPP_MD_MASKS = _has_kernel("lskd::md_masks", "CPU")
 
 
 def has_cpu_kernels() -> bool:
@@ -69,3 +78,14 @@ def has_cpu_kernels() -> bool:
 def has_cuda_kernels() -> bool:
     """True when lskd._C was built with its CUDA kernels."""
     return _HAS_CUDA
+
+
+def has_cpp_autograd() -> bool:
+    """True when lskd._C has the C++ autograd kernels and the fused loss ops
+    (lskd::pod_distill, lskd::sop_distill; csrc/autograd.cpp)."""
+    return _HAS_CPP_AUTOGRAD
+
+
+def has_cpp_md_masks() -> bool:
+    """True when lskd._C has the one-op MD masks lskd::md_masks (csrc/md_masks.cpp)."""
+    return _HAS_CPP_MD_MASKS

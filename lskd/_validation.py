@@ -13,15 +13,20 @@ import torch
 __all__ = [
     "acc_dtype",
     "check_features",
+    "check_pair",
+    "check_triple",
     "prepare_masks",
     "check_scales",
     "check_reduction",
+    "reduction_code",
     "pod_embedding_length",
     "sop_geometry",
     "reduce",
 ]
 
 REDUCTIONS = ("mean", "sum", "none")
+# The reduction argument of the fused ops lskd::pod_distill / lskd::sop_distill (as at::Reduction).
+REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,6 +72,39 @@ def check_features(op: str, **tensors: torch.Tensor) -> torch.Tensor:
     return first
 
 
+def _same_features(first: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether (first, other) certainly pass check_features: the fast path of valid input."""
+    return (
+        isinstance(first, torch.Tensor)
+        and isinstance(other, torch.Tensor)
+        and first.dim() == 4
+        and first.is_floating_point()
+        and first.shape == other.shape
+        and first.dtype == other.dtype
+        and first.device == other.device
+        and first.numel() != 0
+    )
+
+
+def check_pair(op: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``check_features(op, student=student, teacher=teacher)``, with a fast path.
+
+    Valid input (the common case) is accepted by a few comparisons; anything
+    else goes through :func:`check_features`, which raises the same errors as
+    before. Returns the student.
+    """
+    if _same_features(student, teacher):
+        return student
+    return check_features(op, student=student, teacher=teacher)
+
+
+def check_triple(op: str, names: Tuple[str, str, str], a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``check_features(op, **dict(zip(names, (a, b, c))))`` with the fast path of :func:`check_pair`."""
+    if _same_features(a, b) and _same_features(a, c):
+        return a
+    return check_features(op, **{names[0]: a, names[1]: b, names[2]: c})
+
+
 def _check_mask(op: str, name: str, mask: torch.Tensor, ref: torch.Tensor, expected: Tuple[int, ...]) -> None:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(mask).__name__}")
@@ -97,10 +135,12 @@ def prepare_masks(
     m = k = None
     if spatial_mask is not None:
         _check_mask(op, "spatial_mask", spatial_mask, student, (n, 1, h, w))
-        m = spatial_mask.detach().reshape(n, h, w).to(acc).contiguous()
+        m = spatial_mask.detach() if spatial_mask.requires_grad else spatial_mask
+        m = m.reshape(n, h, w).to(acc).contiguous()
     if channel_mask is not None:
         _check_mask(op, "channel_mask", channel_mask, student, (n, c))
-        k = channel_mask.detach().to(acc).contiguous()
+        k = channel_mask.detach() if channel_mask.requires_grad else channel_mask
+        k = k.to(acc).contiguous()
     return m, k
 
 
@@ -129,6 +169,16 @@ def check_reduction(op: str, reduction: str) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return reduction
+
+
+def reduction_code(op: str, reduction: str) -> int:
+    """The reduction as the fused ops take it (0 none, 1 mean, 2 sum); checks it like check_reduction."""
+    if isinstance(reduction, str):
+        code = REDUCTION_CODES.get(reduction)
+        if code is not None:
+            return code
+    check_reduction(op, reduction)
+    raise AssertionError("unreachable")  # check_reduction raised
 
 
 def pod_embedding_length(height: int, width: int, scales: Sequence[int]) -> int:

@@ -87,9 +87,7 @@ def _unavailable(backend: str, device: torch.device) -> str:
     return f"unknown backend {backend!r}"
 
 
-@torch.compiler.assume_constant_result
-def resolve_backend(op: str, backend: str, device: torch.device) -> str:
-    """The concrete backend to run ``op`` with on ``device``; raise when unavailable."""
+def _resolve(op: str, backend: str, device: torch.device) -> str:
     if backend == "auto":
         for cand in AUTO_ORDER[op].get(device.type, ("reference",)):
             if not _unavailable(cand, device):
@@ -101,6 +99,25 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     if why:
         raise RuntimeError(f"{op}: backend {backend!r} is unavailable: {why}")
     return backend
+
+
+# (op, backend, device) -> the concrete backend. What is available does not
+# change once lskd is imported (lskd._C is loaded at import; TRITON_INTERPRET
+# must be set before), so a resolution is computed once; failures are not
+# cached and raise again on every call.
+_RESOLVED: Dict[Tuple[str, str, torch.device], str] = {}
+
+
+@torch.compiler.assume_constant_result
+def resolve_backend(op: str, backend: str, device: torch.device) -> str:
+    """The concrete backend to run ``op`` with on ``device``; raise when unavailable."""
+    if isinstance(backend, str):
+        key = (op, backend, device)
+        impl = _RESOLVED.get(key)
+        if impl is None:
+            impl = _RESOLVED[key] = _resolve(op, backend, device)
+        return impl
+    return _resolve(op, backend, device)
 
 
 def available_backends(device: "torch.device | str" = "cpu") -> List[str]:

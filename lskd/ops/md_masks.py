@@ -6,6 +6,10 @@ with new pixels erased) come from one fused pass: reference
 lskd.reference.md_statistics, CPU kernel csrc/cpu/md_stats.cpp, CUDA kernel
 csrc/cuda/md_stats.cu, Triton kernel kernels/md_stats.py. The per-image
 quantiles are then taken in batch, in PyTorch, without host synchronisation.
+For the "cpu" and "cuda" backends the statistics and the quantiles run in one
+C++ op, lskd::md_masks (csrc/md_masks.cpp: the same ATen calls as the Python
+code below, so the same masks bit for bit, for one Python call instead of
+about thirty).
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from typing import Tuple
 import torch
 
 from .. import _extension, reference
-from .._validation import check_features
+from .._validation import check_triple
 from ._backends import on_triton_load, resolve_backend
 
 __all__ = ["md_masks", "md_statistics", "batched_quantile"]
@@ -31,13 +35,23 @@ def _fake_stats(feat, feat_bg_erased, feat_new_erased, eps):
     )
 
 
+def _fake_masks(feat, feat_bg_erased, feat_new_erased, labels, old_classes, ignore_index, eps, float64_ranks):
+    n, c, h, w = feat.shape
+    return feat.new_empty((n, 1, h, w), dtype=torch.bool), feat.new_empty((n, c), dtype=torch.bool)
+
+
 def _register(ns: str) -> None:
     torch.library.register_fake(f"{ns}::md_stats")(_fake_stats)
+    if ns == "lskd" and _extension.has_cpp_md_masks():
+        torch.library.register_fake(f"{ns}::md_masks")(_fake_masks)
 
 
 if _extension.has_cpu_kernels():
     _register("lskd")
 on_triton_load(lambda: _register("lskd_triton"))
+# lskd::md_masks (csrc/md_masks.cpp): md_stats and the code of md_masks below in one
+# C++ op, bitwise the same masks; used by the "cpu" and "cuda" backends.
+_ONE_OP = _extension.has_cpp_md_masks()
 
 
 def _quantile_uses_float64_ranks() -> bool:
@@ -67,13 +81,16 @@ def batched_quantile(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """
     ordered = values.sort(dim=1).values
     rank_dtype = torch.float64 if _FLOAT64_RANKS and values.device.type != "mps" else values.dtype
-    ranks = q.to(values.dtype).to(rank_dtype) * (values.shape[1] - 1)
+    if q.dtype != values.dtype:
+        q = q.to(values.dtype)
+    ranks = q.to(rank_dtype) * (values.shape[1] - 1)
     below = ranks.floor()
     lo = below.long().unsqueeze(1)
     hi = ranks.ceil().long().unsqueeze(1)
     weight = (ranks - below).to(values.dtype).unsqueeze(1)
     out = torch.lerp(ordered.gather(1, lo), ordered.gather(1, hi), weight).squeeze(1)
-    return torch.where(values.isnan().any(dim=1), torch.full_like(out, float("nan")), out)
+    # torch.sort puts NaN last (CPU and CUDA): a row holds a NaN iff its last sorted value is NaN.
+    return out.masked_fill(ordered[:, -1].isnan(), float("nan"))
 
 
 def md_statistics(
@@ -88,9 +105,20 @@ def md_statistics(
     See :func:`lskd.reference.md_statistics` for the definitions.
     """
     op = "md_masks"
-    check_features(op, feat=feat, feat_bg_erased=feat_bg_erased, feat_new_erased=feat_new_erased)
+    check_triple(op, _FEATURE_NAMES, feat, feat_bg_erased, feat_new_erased)
+    return _statistics(op, feat, feat_bg_erased, feat_new_erased, eps, backend)
+
+
+_FEATURE_NAMES = ("feat", "feat_bg_erased", "feat_new_erased")
+
+
+def _statistics(op, feat, feat_bg_erased, feat_new_erased, eps, backend):
+    """md_statistics after the feature checks."""
     impl = resolve_backend(op, backend, feat.device)
-    a, cb, dn = feat.detach(), feat_bg_erased.detach(), feat_new_erased.detach()
+    # The statistics never get gradients (md_stats has no autograd formula).
+    a = feat.detach() if feat.requires_grad else feat
+    cb = feat_bg_erased.detach() if feat_bg_erased.requires_grad else feat_bg_erased
+    dn = feat_new_erased.detach() if feat_new_erased.requires_grad else feat_new_erased
     if impl == "reference":
         return reference.md_statistics(a, cb, dn, eps)
     ops = torch.ops.lskd_triton if impl == "triton" else torch.ops.lskd
@@ -129,7 +157,7 @@ def md_masks(
         and new label pixels (ignored pixels count in the denominator).
     """
     op = "md_masks"
-    first = check_features(op, feat=feat, feat_bg_erased=feat_bg_erased, feat_new_erased=feat_new_erased)
+    first = check_triple(op, _FEATURE_NAMES, feat, feat_bg_erased, feat_new_erased)
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{op}: labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -143,14 +171,20 @@ def md_masks(
     if isinstance(old_classes, bool) or not isinstance(old_classes, int) or old_classes < 1:
         raise ValueError(f"{op}: old_classes must be an int >= 1 (background counts), got {old_classes!r}")
 
-    cos_bg, cos_new, gap_bg, gap_new = md_statistics(feat, feat_bg_erased, feat_new_erased, eps, backend)
+    impl = resolve_backend(op, backend, feat.device)
+    if (impl == "cpu" or impl == "cuda") and _ONE_OP and type(ignore_index) is int:
+        a = feat.detach() if feat.requires_grad else feat
+        cb = feat_bg_erased.detach() if feat_bg_erased.requires_grad else feat_bg_erased
+        dn = feat_new_erased.detach() if feat_new_erased.requires_grad else feat_new_erased
+        return torch.ops.lskd.md_masks(a, cb, dn, labels, old_classes, ignore_index, float(eps), _FLOAT64_RANKS)
+    cos_bg, cos_new, gap_bg, gap_new = _statistics(op, feat, feat_bg_erased, feat_new_erased, eps, backend)
     n, c, h, w = feat.shape
     total = labels[0].numel()
     is_old = labels < old_classes
-    rho_old = is_old.sum(dim=(1, 2)) / total
-    rho_new = (~is_old & (labels != ignore_index)).sum(dim=(1, 2)) / total
+    is_new = ~is_old & (labels != ignore_index)
+    # q = [rho_old, rho_new] (one count for both; count / total in the default float dtype, as before).
+    q = torch.cat([is_old, is_new]).sum(dim=(1, 2)) / total
     # One sort for both cosine maps and one for both gap vectors (rows: bg then new).
-    q = torch.cat([rho_old, rho_new])
     cos = torch.cat([cos_bg.reshape(n, -1), cos_new.reshape(n, -1)])
     gap = torch.cat([gap_bg, gap_new])
     q_cos, q_gap = batched_quantile(cos, q)[:, None], batched_quantile(gap, q)[:, None]

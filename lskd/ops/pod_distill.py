@@ -4,7 +4,10 @@ Reference: lskd.reference.pod_distances. CPU kernel: csrc/cpu/pod_distill.cpp.
 CUDA kernel: csrc/cuda/pod_distill.cu. Triton kernel: kernels/pod_distill.py.
 Schema: csrc/ops.cpp. This module registers, once for the C++ ops ("lskd::")
 and once for the Triton ops ("lskd_triton::"), the fake kernels that
-torch.compile needs and the autograd formula (backward = the *_backward op).
+torch.compile needs, and for the Triton ops the autograd formula (backward =
+the *_backward op). The C++ ops have C++ autograd kernels (csrc/autograd.cpp),
+and the "cpu"/"cuda" backends call lskd::pod_distill, which also reduces over
+the batch (one op and one autograd node per call).
 """
 from __future__ import annotations
 
@@ -15,12 +18,12 @@ import torch
 from .. import _extension, reference
 from .._validation import (
     acc_dtype,
-    check_features,
-    check_reduction,
+    check_pair,
     check_scales,
     pod_embedding_length,
     prepare_masks,
     reduce,
+    reduction_code,
 )
 from ._backends import on_triton_load, resolve_backend
 
@@ -38,12 +41,21 @@ def _fake_backward(grad_dist, student, spatial_mask, channel_mask, dist, emb, sc
     return torch.empty_like(student)
 
 
+def _fake_distill(student, teacher, spatial_mask, channel_mask, scales, square, reduction):
+    shape = (student.shape[0],) if reduction == 0 else ()
+    return student.new_empty(shape, dtype=acc_dtype(student.dtype))
+
+
 def _register(ns: str) -> None:
     forward = f"{ns}::pod_forward"
     backward_op = getattr(torch.ops, ns).pod_backward
 
     torch.library.register_fake(forward)(_fake_forward)
     torch.library.register_fake(f"{ns}::pod_backward")(_fake_backward)
+    if ns == "lskd" and _extension.has_cpp_autograd():
+        # lskd::pod_forward and lskd::pod_distill have C++ autograd kernels (csrc/autograd.cpp).
+        torch.library.register_fake(f"{ns}::pod_distill")(_fake_distill)
+        return
 
     def setup_context(ctx, inputs, output):
         student, _teacher, spatial_mask, channel_mask, scales, square = inputs
@@ -66,6 +78,7 @@ def _register(ns: str) -> None:
 
 if _extension.has_cpu_kernels():
     _register("lskd")
+_FUSED = _extension.has_cpp_autograd()  # lskd::pod_distill exists
 on_triton_load(lambda: _register("lskd_triton"))
 
 
@@ -99,12 +112,19 @@ def pod_distill(
         float32 (float64 for float64 inputs) whatever the input dtype.
     """
     op = "pod_distill"
-    check_features(op, student=student, teacher=teacher)
+    check_pair(op, student, teacher)
     n, c, h, w = student.shape
     scales = check_scales(op, scales, h, w)
-    check_reduction(op, reduction)
-    m, k = prepare_masks(op, student, spatial_mask, channel_mask)
+    code = reduction_code(op, reduction)
+    if spatial_mask is None and channel_mask is None:
+        m = k = None
+    else:
+        m, k = prepare_masks(op, student, spatial_mask, channel_mask)
     impl = resolve_backend(op, backend, student.device)
+    if (impl == "cpu" or impl == "cuda") and _FUSED:
+        # One op and one autograd node: the C++ forward and the reduction; the
+        # C++ autograd kernel keeps the teacher and the masks out of the graph.
+        return torch.ops.lskd.pod_distill(student, teacher, m, k, scales, bool(square), code)
     if impl == "reference":
         acc = acc_dtype(student.dtype)
         dist = reference.pod_distances(

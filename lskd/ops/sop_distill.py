@@ -2,8 +2,11 @@
 
 Reference: lskd.reference.sop_distances. CPU kernel: csrc/cpu/sop_distill.cpp.
 CUDA kernel: csrc/cuda/sop_distill.cu. Triton kernel: kernels/sop_distill.py.
-Schema: csrc/ops.cpp. Fake kernels and autograd are registered here for the
-C++ ("lskd::") and Triton ("lskd_triton::") ops.
+Schema: csrc/ops.cpp. Fake kernels are registered here for the C++ ("lskd::")
+and Triton ("lskd_triton::") ops, and the autograd formula for the Triton
+ops. The C++ ops have C++ autograd kernels (csrc/autograd.cpp), and the
+"cpu"/"cuda" backends call lskd::sop_distill, which also reduces over the
+batch (one op and one autograd node per call).
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import Optional
 import torch
 
 from .. import _extension, reference
-from .._validation import acc_dtype, check_features, check_reduction, prepare_masks, reduce, sop_geometry
+from .._validation import acc_dtype, check_pair, prepare_masks, reduce, reduction_code, sop_geometry
 from ._backends import on_triton_load, resolve_backend
 
 __all__ = ["sop_distill"]
@@ -31,12 +34,21 @@ def _fake_backward(grad_dist, student, spatial_mask, channel_mask, dist, pooled_
     return torch.empty_like(student)
 
 
+def _fake_distill(student, teacher, spatial_mask, channel_mask, groups, window, stride, padding, reduction):
+    shape = (student.shape[0],) if reduction == 0 else ()
+    return student.new_empty(shape, dtype=acc_dtype(student.dtype))
+
+
 def _register(ns: str) -> None:
     forward = f"{ns}::sop_forward"
     backward_op = getattr(torch.ops, ns).sop_backward
 
     torch.library.register_fake(forward)(_fake_forward)
     torch.library.register_fake(f"{ns}::sop_backward")(_fake_backward)
+    if ns == "lskd" and _extension.has_cpp_autograd():
+        # lskd::sop_forward and lskd::sop_distill have C++ autograd kernels (csrc/autograd.cpp).
+        torch.library.register_fake(f"{ns}::sop_distill")(_fake_distill)
+        return
 
     def setup_context(ctx, inputs, output):
         student, _teacher, spatial_mask, channel_mask, groups, window, stride, padding = inputs
@@ -57,6 +69,7 @@ def _register(ns: str) -> None:
 
 if _extension.has_cpu_kernels():
     _register("lskd")
+_FUSED = _extension.has_cpp_autograd()  # lskd::sop_distill exists
 on_triton_load(lambda: _register("lskd_triton"))
 
 
@@ -93,12 +106,19 @@ def sop_distill(
         The distance per image, reduced, in float32 (float64 for float64 inputs).
     """
     op = "sop_distill"
-    check_features(op, student=student, teacher=teacher)
+    check_pair(op, student, teacher)
     n, c, h, w = student.shape
     win, strd, pad = sop_geometry(op, c, h, w, groups, window, stride)
-    check_reduction(op, reduction)
-    m, k = prepare_masks(op, student, spatial_mask, channel_mask)
+    code = reduction_code(op, reduction)
+    if spatial_mask is None and channel_mask is None:
+        m = k = None
+    else:
+        m, k = prepare_masks(op, student, spatial_mask, channel_mask)
     impl = resolve_backend(op, backend, student.device)
+    if (impl == "cpu" or impl == "cuda") and _FUSED:
+        # One op and one autograd node: the C++ forward and the reduction; the
+        # C++ autograd kernel keeps the teacher and the masks out of the graph.
+        return torch.ops.lskd.sop_distill(student, teacher, m, k, groups, win, strd, pad, code)
     if impl == "reference":
         acc = acc_dtype(student.dtype)
         dist = reference.sop_distances(

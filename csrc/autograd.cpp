@@ -1,0 +1,319 @@
+// Autograd kernels of the lskd operators, in C++ (TORCH_LIBRARY_IMPL(lskd, Autograd, m)).
+//
+// Before, autograd was registered in Python (torch.library.register_autograd),
+// which costs tens of microseconds of Python per call (the Python
+// autograd.Function, fill_defaults, redispatch, the Python backward). Here it
+// is a torch::autograd::Function, as torchvision does for roi_align:
+//
+//   pod_forward / sop_forward   the raw ops of the schema (csrc/ops.cpp):
+//       outputs (dist, aux): aux (emb / pooled_grad) gets no gradient
+//       (materialize_grads is off, so no zero-filled gradient is built for it).
+//   pod_distill / sop_distill   the same plus the reduction of dist over the
+//       batch (0 = none, 1 = mean, 2 = sum as at::Reduction), one autograd node
+//       for the whole loss term (no separate MeanBackward/SumBackward node).
+//
+// The forward calls the backend kernel (CPU or CUDA) through the dispatcher
+// below autograd; the backward calls lskd::pod_backward / lskd::sop_backward
+// through the dispatcher, so the CPU and CUDA kernels (and the fake kernels
+// under torch.compile) are all used. Only the student (input 0) gets a
+// gradient; the teacher and the masks never do.
+//
+// Only long-stable APIs are used (torch::autograd::Function<T>,
+// AutogradContext, save_for_backward, get_saved_variables, saved_data,
+// c10::Dispatcher typed handles) so that this compiles against torch 2.11 to 2.14.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace lskd {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<at::Tensor>;
+
+// ---------------------------------------------------------------- dispatcher handles
+
+using PodForwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                                         const OptTensor&, at::IntArrayRef, bool);
+using PodBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                                  const at::Tensor&, const at::Tensor&, at::IntArrayRef, bool);
+using PodDistillSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                                 at::IntArrayRef, bool, int64_t);
+using SopForwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                                         const OptTensor&, int64_t, at::IntArrayRef,
+                                                         at::IntArrayRef, at::IntArrayRef);
+using SopBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                                  const at::Tensor&, const at::Tensor&, int64_t, at::IntArrayRef, at::IntArrayRef,
+                                  at::IntArrayRef);
+using SopDistillSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, int64_t,
+                                 at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t);
+
+#define LSKD_OP_HANDLE(fn, Sig, name)                                                            \
+  const c10::TypedOperatorHandle<Sig>& fn() {                                                    \
+    static const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>(); \
+    return handle;                                                                               \
+  }
+LSKD_OP_HANDLE(pod_forward_op, PodForwardSig, "lskd::pod_forward")
+LSKD_OP_HANDLE(pod_backward_op, PodBackwardSig, "lskd::pod_backward")
+LSKD_OP_HANDLE(pod_distill_op, PodDistillSig, "lskd::pod_distill")
+LSKD_OP_HANDLE(sop_forward_op, SopForwardSig, "lskd::sop_forward")
+LSKD_OP_HANDLE(sop_backward_op, SopBackwardSig, "lskd::sop_backward")
+LSKD_OP_HANDLE(sop_distill_op, SopDistillSig, "lskd::sop_distill")
+#undef LSKD_OP_HANDLE
+
+// ---------------------------------------------------------------- helpers
+
+// Inputs that never get a gradient: detached, so that the graph keeps no edge
+// to them (and nothing of the graph that produced them).
+inline at::Tensor no_grad_input(const at::Tensor& t) { return t.requires_grad() ? t.detach() : t; }
+inline OptTensor no_grad_input(const OptTensor& t) {
+  if (t.has_value() && t->defined() && t->requires_grad()) return t->detach();
+  return t;
+}
+inline at::Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
+inline OptTensor as_optional(const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
+
+// Whether the autograd graph must be recorded (the only differentiable input is the student).
+inline bool needs_graph(const at::Tensor& student) {
+  return at::GradMode::is_enabled() && student.requires_grad();
+}
+
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+inline void check_reduction(const char* op, int64_t reduction) {
+  TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum, "lskd: ", op,
+              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+// The per-image distances reduced over the batch.
+inline at::Tensor reduce(const at::Tensor& dist, int64_t reduction) {
+  if (reduction == kMean) return dist.mean();
+  if (reduction == kSum) return dist.sum();
+  return dist;
+}
+
+// d(reduced)/d(dist) applied to the incoming gradient: the [N] gradient of dist
+// (an expanded view for mean/sum: the kernels read grad_dist with its stride).
+// SymInt: under torch.compile with dynamic shapes N stays symbolic (no specialisation).
+inline at::Tensor grad_of_dist(const at::Tensor& grad, int64_t reduction, const c10::SymInt& n) {
+  if (reduction == kMean) return grad.div(c10::Scalar(n)).expand_symint({n});  // as MeanBackward: g / N per image
+  if (reduction == kSum) return grad.expand_symint({n});
+  return grad.contiguous();
+}
+
+// ---------------------------------------------------------------- Local POD
+
+// Saved: student, spatial_mask, channel_mask, dist, emb; saved_data: scales, square, reduction.
+inline void pod_save(AutogradContext* ctx, const at::Tensor& student, const OptTensor& m, const OptTensor& k,
+                     const at::Tensor& dist, const at::Tensor& emb, at::IntArrayRef scales, bool square,
+                     int64_t reduction) {
+  ctx->save_for_backward({student, or_undefined(m), or_undefined(k), dist, emb});
+  ctx->saved_data["scales"] = scales.vec();
+  ctx->saved_data["square"] = square;
+  ctx->saved_data["reduction"] = reduction;
+  ctx->set_materialize_grads(false);
+}
+
+inline at::Tensor pod_grad(AutogradContext* ctx, const at::Tensor& grad) {
+  if (!grad.defined() || !ctx->needs_input_grad(0)) return at::Tensor();
+  const auto saved = ctx->get_saved_variables();
+  const at::Tensor& student = saved[0];
+  const at::Tensor& dist = saved[3];
+  const auto scales = ctx->saved_data["scales"].toIntVector();
+  const bool square = ctx->saved_data["square"].toBool();
+  const int64_t reduction = ctx->saved_data["reduction"].toInt();
+  const at::Tensor grad_dist = grad_of_dist(grad, reduction, dist.sym_size(0));
+  // Without create_graph nothing records the backward: skip the autograd layer
+  // (pod_backward has no autograd kernel; with create_graph=True its autograd
+  // fallback warns that the double backward is not implemented, as before).
+  std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+  if (!at::GradMode::is_enabled()) below.emplace();
+  return pod_backward_op().call(grad_dist, student, as_optional(saved[1]), as_optional(saved[2]), dist, saved[4],
+                                scales, square);
+}
+
+struct PodForwardFunction : public torch::autograd::Function<PodForwardFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
+                               const OptTensor& m, const OptTensor& k, at::IntArrayRef scales, bool square) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [dist, emb] = pod_forward_op().call(student, teacher, m, k, scales, square);
+    pod_save(ctx, student, m, k, dist, emb, scales, square, kNone);
+    return {dist, emb};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // grads[1] (emb) is ignored: emb is an auxiliary output.
+    return {pod_grad(ctx, grads[0]), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+struct PodDistillFunction : public torch::autograd::Function<PodDistillFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
+                            const OptTensor& m, const OptTensor& k, at::IntArrayRef scales, bool square,
+                            int64_t reduction) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [dist, emb] = pod_forward_op().call(student, teacher, m, k, scales, square);
+    pod_save(ctx, student, m, k, dist, emb, scales, square, reduction);
+    return reduce(dist, reduction);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {pod_grad(ctx, grads[0]), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> pod_forward_autograd(const at::Tensor& student, const at::Tensor& teacher,
+                                                        const OptTensor& m, const OptTensor& k,
+                                                        at::IntArrayRef scales, bool square) {
+  if (!needs_graph(student)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return pod_forward_op().call(student, teacher, m, k, scales, square);
+  }
+  auto out = PodForwardFunction::apply(student, no_grad_input(teacher), no_grad_input(m), no_grad_input(k),
+                                       scales, square);
+  return {out[0], out[1]};
+}
+
+at::Tensor pod_distill_autograd(const at::Tensor& student, const at::Tensor& teacher, const OptTensor& m,
+                                const OptTensor& k, at::IntArrayRef scales, bool square, int64_t reduction) {
+  check_reduction("pod_distill", reduction);
+  if (!needs_graph(student)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return pod_distill_op().call(student, teacher, m, k, scales, square, reduction);
+  }
+  return PodDistillFunction::apply(student, no_grad_input(teacher), no_grad_input(m), no_grad_input(k), scales,
+                                   square, reduction);
+}
+
+// Backend kernel of pod_distill (CPU and CUDA): the backend's pod_forward, then the reduction.
+at::Tensor pod_distill_kernel(const at::Tensor& student, const at::Tensor& teacher, const OptTensor& m,
+                              const OptTensor& k, at::IntArrayRef scales, bool square, int64_t reduction) {
+  check_reduction("pod_distill", reduction);
+  auto out = pod_forward_op().call(student, teacher, m, k, scales, square);
+  return reduce(std::get<0>(out), reduction);
+}
+
+// ---------------------------------------------------------------- second-order pooling
+
+// Saved: student, spatial_mask, channel_mask, dist, pooled_grad;
+// saved_data: groups, window, stride, padding, reduction.
+inline void sop_save(AutogradContext* ctx, const at::Tensor& student, const OptTensor& m, const OptTensor& k,
+                     const at::Tensor& dist, const at::Tensor& pooled_grad, int64_t groups, at::IntArrayRef window,
+                     at::IntArrayRef stride, at::IntArrayRef padding, int64_t reduction) {
+  ctx->save_for_backward({student, or_undefined(m), or_undefined(k), dist, pooled_grad});
+  ctx->saved_data["groups"] = groups;
+  ctx->saved_data["window"] = window.vec();
+  ctx->saved_data["stride"] = stride.vec();
+  ctx->saved_data["padding"] = padding.vec();
+  ctx->saved_data["reduction"] = reduction;
+  ctx->set_materialize_grads(false);
+}
+
+inline at::Tensor sop_grad(AutogradContext* ctx, const at::Tensor& grad) {
+  if (!grad.defined() || !ctx->needs_input_grad(0)) return at::Tensor();
+  const auto saved = ctx->get_saved_variables();
+  const at::Tensor& student = saved[0];
+  const at::Tensor& dist = saved[3];
+  const int64_t groups = ctx->saved_data["groups"].toInt();
+  const auto window = ctx->saved_data["window"].toIntVector();
+  const auto stride = ctx->saved_data["stride"].toIntVector();
+  const auto padding = ctx->saved_data["padding"].toIntVector();
+  const int64_t reduction = ctx->saved_data["reduction"].toInt();
+  const at::Tensor grad_dist = grad_of_dist(grad, reduction, dist.sym_size(0));
+  std::optional<at::AutoDispatchBelowADInplaceOrView> below;  // as in pod_grad
+  if (!at::GradMode::is_enabled()) below.emplace();
+  return sop_backward_op().call(grad_dist, student, as_optional(saved[1]), as_optional(saved[2]), dist, saved[4],
+                                groups, window, stride, padding);
+}
+
+struct SopForwardFunction : public torch::autograd::Function<SopForwardFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
+                               const OptTensor& m, const OptTensor& k, int64_t groups, at::IntArrayRef window,
+                               at::IntArrayRef stride, at::IntArrayRef padding) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [dist, pooled_grad] = sop_forward_op().call(student, teacher, m, k, groups, window, stride, padding);
+    sop_save(ctx, student, m, k, dist, pooled_grad, groups, window, stride, padding, kNone);
+    return {dist, pooled_grad};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // grads[1] (pooled_grad) is ignored: it is an auxiliary output.
+    return {sop_grad(ctx, grads[0]), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(),            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+struct SopDistillFunction : public torch::autograd::Function<SopDistillFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
+                            const OptTensor& m, const OptTensor& k, int64_t groups, at::IntArrayRef window,
+                            at::IntArrayRef stride, at::IntArrayRef padding, int64_t reduction) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [dist, pooled_grad] = sop_forward_op().call(student, teacher, m, k, groups, window, stride, padding);
+    sop_save(ctx, student, m, k, dist, pooled_grad, groups, window, stride, padding, reduction);
+    return reduce(dist, reduction);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {sop_grad(ctx, grads[0]), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(),            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> sop_forward_autograd(const at::Tensor& student, const at::Tensor& teacher,
+                                                        const OptTensor& m, const OptTensor& k, int64_t groups,
+                                                        at::IntArrayRef window, at::IntArrayRef stride,
+                                                        at::IntArrayRef padding) {
+  if (!needs_graph(student)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return sop_forward_op().call(student, teacher, m, k, groups, window, stride, padding);
+  }
+  auto out = SopForwardFunction::apply(student, no_grad_input(teacher), no_grad_input(m), no_grad_input(k), groups,
+                                       window, stride, padding);
+  return {out[0], out[1]};
+}
+
+at::Tensor sop_distill_autograd(const at::Tensor& student, const at::Tensor& teacher, const OptTensor& m,
+                                const OptTensor& k, int64_t groups, at::IntArrayRef window, at::IntArrayRef stride,
+                                at::IntArrayRef padding, int64_t reduction) {
+  check_reduction("sop_distill", reduction);
+  if (!needs_graph(student)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return sop_distill_op().call(student, teacher, m, k, groups, window, stride, padding, reduction);
+  }
+  return SopDistillFunction::apply(student, no_grad_input(teacher), no_grad_input(m), no_grad_input(k), groups,
+                                   window, stride, padding, reduction);
+}
+
+at::Tensor sop_distill_kernel(const at::Tensor& student, const at::Tensor& teacher, const OptTensor& m,
+                              const OptTensor& k, int64_t groups, at::IntArrayRef window, at::IntArrayRef stride,
+                              at::IntArrayRef padding, int64_t reduction) {
+  check_reduction("sop_distill", reduction);
+  auto out = sop_forward_op().call(student, teacher, m, k, groups, window, stride, padding);
+  return reduce(std::get<0>(out), reduction);
+}
+
+}  // namespace
+}  // namespace lskd
+
+TORCH_LIBRARY_IMPL(lskd, Autograd, m) {
+  m.impl("pod_forward", &lskd::pod_forward_autograd);
+  m.impl("sop_forward", &lskd::sop_forward_autograd);
+  m.impl("pod_distill", &lskd::pod_distill_autograd);
+  m.impl("sop_distill", &lskd::sop_distill_autograd);
+}
+
+// The fused loss ops run the backend's *_forward op and reduce; the same code
+// serves every backend that has the *_forward kernel.
+TORCH_LIBRARY_IMPL(lskd, CPU, m) {
+  m.impl("pod_distill", &lskd::pod_distill_kernel);
+  m.impl("sop_distill", &lskd::sop_distill_kernel);
+}
+#ifdef LSKD_WITH_CUDA
+TORCH_LIBRARY_IMPL(lskd, CUDA, m) {
+  m.impl("pod_distill", &lskd::pod_distill_kernel);
+  m.impl("sop_distill", &lskd::sop_distill_kernel);
+}
+#endif
