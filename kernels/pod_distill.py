@@ -187,19 +187,19 @@ def _pod_fwd_kernel(
         msk = (r < H)[:, None] & colmask[None, :]
         a = tl.load(a_plane + r[:, None] * sa_h + cols[None, :] * sa_w, mask=msk, other=0.0).to(acc_t)
         b = tl.load(b_plane + r[:, None] * sb_h + cols[None, :] * sb_w, mask=msk, other=0.0).to(acc_t)
-        if HAS_M:
-            mv = tl.load(m_plane + r[:, None] * W + cols[None, :], mask=msk, other=0.0)
-            a = a * mv
-            b = b * mv
-        if HAS_NM:
-            a = a * nmv
-            b = b * nmv
+        # The difference is taken on the loaded values and the masks applied after:
+        # (a m)^2 - (b m)^2 = (a - b)(a + b) m^2. Any product feeding a subtraction
+        # (a*a - b*b, a*m - b*m) is contracted by the GPU compiler into an FMA, which
+        # is not exactly 0 when a == b.
         if SQUARE:
-            # (a - b)(a + b), not a*a - b*b: the GPU compiler contracts the latter into
-            # fma(a, a, -b*b), which is not exactly 0 when a == b.
             z = (a - b) * (a + b)
         else:
             z = a - b
+        if HAS_M:
+            mv = tl.load(m_plane + r[:, None] * W + cols[None, :], mask=msk, other=0.0)
+            z = z * (mv * mv) if SQUARE else z * mv
+        if HAS_NM:
+            z = z * (nmv * nmv) if SQUARE else z * nmv
         if ALIGN_H:
             csum = tl.sum(z, axis=0)
         else:

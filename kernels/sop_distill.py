@@ -126,15 +126,18 @@ def _sop_fwd_kernel(
             bv = bv * mv[None, :]
         pa += av
         pb += bv
-    if HAS_NM:
-        nmv = tl.load(nm_ptr + n * C + ch, mask=kv, other=0.0)
-        pa = pa * nmv[:, None]
-        pb = pb * nmv[:, None]
-    div = tl.cast(WH * WW, acc_t)
-    pa = pa / div
-    pb = pb / div
+    # u and v from the accumulated sums, the channel mask and the divisor applied after:
+    # a product feeding the subtraction (pa*m - pb*m) would be contracted into an FMA on
+    # the GPU, which is not exactly 0 when the student equals the teacher.
     u = pa - pb
     v = pa + pb
+    if HAS_NM:
+        nmv = tl.load(nm_ptr + n * C + ch, mask=kv, other=0.0)
+        u = u * nmv[:, None]
+        v = v * nmv[:, None]
+    div = tl.cast(WH * WW, acc_t)
+    u = u / div
+    v = v / div
     uu = tl.sum(u * u, axis=0)
     vv = tl.sum(v * v, axis=0)
     uv = tl.sum(u * v, axis=0)
@@ -202,14 +205,14 @@ def _sop_global_kernel(
         ch = g * K + kk
         p = tl.load(sums_ptr + (n * GK + ch) * 2, mask=kv, other=0.0)
         q = tl.load(sums_ptr + (n * GK + ch) * 2 + 1, mask=kv, other=0.0)
+        u = p - q  # difference first, masks after (see the windowed kernel)
+        v = p + q
         if HAS_NM:
             nmv = tl.load(nm_ptr + n * C + ch, mask=kv, other=0.0)
-            p = p * nmv
-            q = q * nmv
-        p = p / div
-        q = q / div
-        u = p - q
-        v = p + q
+            u = u * nmv
+            v = v * nmv
+        u = u / div
+        v = v / div
         uu = tl.sum(u * u, axis=0)
         vv = tl.sum(v * v, axis=0)
         uv = tl.sum(u * v, axis=0)
