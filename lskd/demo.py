@@ -66,12 +66,14 @@ PRESETS: Dict[str, dict] = {
 def _dataset(root: Path, data: dict, seed: int, quiet: bool) -> Path:
     """The synthetic dataset in ``root`` (built unless one with the same settings is there)."""
     from .data import make_synthetic
+    from .data.synthetic import GENERATOR_VERSION
 
     meta = root / "synthetic.json"
     if meta.is_file():
         try:
             saved = json.loads(meta.read_text())
-            if all(saved.get(k) == v for k, v in data.items()) and saved.get("seed") == seed:
+            same = all(saved.get(k) == v for k, v in data.items()) and saved.get("seed") == seed
+            if same and saved.get("generator_version") == GENERATOR_VERSION:
                 return root
         except ValueError:
             pass
