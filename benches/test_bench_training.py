@@ -9,7 +9,7 @@ seconds per iteration from the run's history (the first epoch is a warm-up and l
 for the search, whose first epoch IS the search: its iterations are reported apart).
 
 Sizes (env): LSKD_TRAIN_BENCH_BACKBONE (tiny on the CPU, resnet50 on a GPU),
-LSKD_TRAIN_BENCH_SIZE (64 / 256), LSKD_TRAIN_BENCH_BATCH (16 / 12), LSKD_TRAIN_BENCH_IMAGES (96).
+LSKD_TRAIN_BENCH_SIZE (64 / 256), LSKD_TRAIN_BENCH_BATCH (16 / 12), LSKD_TRAIN_BENCH_IMAGES (192).
 
     pytest benches/test_bench_training.py --benchmark-only --benchmark-json=train.json
     python benches/summarize.py train.json
@@ -30,7 +30,7 @@ GPU = wl.on_gpu()
 BACKBONE = os.environ.get("LSKD_TRAIN_BENCH_BACKBONE", "resnet50" if GPU else "tiny")
 SIZE = int(os.environ.get("LSKD_TRAIN_BENCH_SIZE", "256" if GPU else "64"))
 BATCH = int(os.environ.get("LSKD_TRAIN_BENCH_BATCH", "12" if GPU else "16"))
-IMAGES = int(os.environ.get("LSKD_TRAIN_BENCH_IMAGES", "96"))
+IMAGES = int(os.environ.get("LSKD_TRAIN_BENCH_IMAGES", "192"))
 EPOCHS = 3
 
 VARIANTS = {
