@@ -5,7 +5,8 @@ What it does (``run_demo``):
 1. writes the synthetic dataset (:func:`lskd.data.make_synthetic`) to ``OUT/data`` once (kept
    while its settings match);
 2. trains step 0 ONCE (``OUT/base``; step 0 is the same for every incremental method) and starts
-   finetune, MiB, PLOP and LSKD from its checkpoint (``--init-from``), each in ``OUT/<method>``;
+   finetune, MiB, PLOP, LSKD, LSKD with RGE weights (``lskd+rge``) and LSKD with the bi-level
+   scheme search (``lskd+search``) from its checkpoint (``--init-from``), each in ``OUT/<method>``;
 3. trains joint (one step with every class, the upper bound) in ``OUT/joint``;
 4. prints the old/new/all mIoU table of the last step and writes ``OUT/summary.md``,
    ``OUT/summary.json`` (``{"methods": {name: the train summary}, "settings": ..., ...}``) and
@@ -16,8 +17,10 @@ Settings (``PRESETS``; tiny DeepLabV3 at output stride 8 -- 8x8 logits on 64x64 
 * full: 6 classes, task 3-1 (step 0 = background + 3 classes, then 3 single-class steps), 600
   training / 200 validation images; step 0 and joint 40 epochs at lr 0.1, the later steps 25
   epochs at lr 0.03 (the papers' lr/10 with so few iterations does not learn the new classes:
-  finetune then stays at ~0 new-class IoU); ~5.5 minutes on 2 CPU cores in all.
-* quick: the same protocol with 240 / 96 images, 20 and 10 epochs (CI; ~1 minute).
+  finetune then stays at ~0 new-class IoU); lskd+search searches during the first 4 of the 25
+  epochs (Adam lr 0.02: with ~5 iterations per epoch the default 1 epoch at 3e-3 would leave
+  the scheme logits at their initial values). 432 s on 2 quiet CPU cores in all.
+* quick: the same protocol with 240 / 96 images, 20 and 10 epochs, 2 search epochs (CI).
 
 The runs of a previous demo in ``OUT`` are replaced (the dataset is kept).
 """
