@@ -101,18 +101,18 @@ def _add_eval(sub) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="the synthetic benchmark: joint, finetune, MiB, PLOP and LSKD on a multi-step task",
-        description="Build a synthetic dataset (once), train joint, finetune, mib, plop and lskd on a multi-step "
-        "protocol of it with the tiny backbone (step 0 trained once and shared), print the old/new/all mIoU "
-        "table and write OUT/summary.md, OUT/summary.json and OUT/comparison.png. About 10 minutes on 2 CPU "
-        "cores; --quick takes under 2.",
+        help="the synthetic benchmark: joint, finetune, MiB, PLOP, LSKD (+RGE, +search) on a multi-step task",
+        description="Build a synthetic dataset (once), train joint, finetune, mib, plop, lskd, lskd+rge (RGE "
+        "weights) and lskd+search (bi-level scheme search) on a multi-step protocol of it with the tiny backbone "
+        "(step 0 trained once and shared), print the old/new/all mIoU table and write OUT/summary.md, "
+        "OUT/summary.json and OUT/comparison.png. About 7 minutes on 2 CPU cores; --quick about 2.",
     )
     p.add_argument("--quick", action="store_true", help="a smaller, shorter version (CI: under 2 minutes)")
     p.add_argument("--out", default=None, help="output folder (default runs/demo, or runs/demo-quick with --quick)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 0 on the CPU, 2 on a GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the training")
-    p.add_argument("--methods", default=None, help="comma-separated subset of joint,finetune,mib,plop,lskd")
+    p.add_argument("--methods", default=None, help="comma-separated subset of joint,finetune,mib,plop,lskd,lskd+rge,lskd+search")
     p.add_argument("--quiet", action="store_true", help="only the final table")
 
 
