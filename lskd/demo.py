@@ -115,6 +115,30 @@ def _steps_table_md(summaries: Dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def _schemes_and_weights_md(summaries: Dict[str, dict]) -> List[str]:
+    """Per LSKD entry and step > 0: the scheme of every map and the final weight of every term."""
+    rows = []
+    for name, s in summaries.items():
+        for e in s["steps"]:
+            if e.get("schemes"):
+                schemes = ", ".join(f"{m} {sc}" for m, sc in e["schemes"].items())
+                weights = ", ".join(f"{t} {w:.2f}" for t, w in e.get("weights", {}).items())
+                rows.append(f"| {name} | {e['step']} | {schemes} | {weights} |")
+    if not rows:
+        return []
+    return [
+        "## LSKD: scheme per map and final weight per term",
+        "",
+        "Released assignment: stage1 pod, stage2 pod, stage3 md, stage4 md, aspp md+mcd, logits md (masked pod). "
+        "lskd+rge learns the weights (RGE); lskd+search chooses the schemes and map weights on held-out data.",
+        "",
+        "| method | step | schemes | weights |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def plot_comparison(path: Path, summaries: Dict[str, dict], title: str = "") -> Optional[Path]:
     """``comparison.png``: three panels (old, new, all mIoU) against the step, one line per method;
     joint (one offline step) is a dashed horizontal line."""
@@ -264,6 +288,7 @@ def run_demo(
         f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         md.append(f"| {name} | {f(e['miou_old'])} | {f(e['miou_new'])} | {f(e['miou_all'])} |")
     md += ["", "## mIoU (%) per step (old / new / all)", "", _steps_table_md(summaries), "", "![comparison](comparison.png)", ""]
+    md += _schemes_and_weights_md(summaries)
     report.write_text_atomic(out_p / "summary.md", "\n".join(md))
     print(f"\nmIoU (%) after the last step of task {preset['task']} ({total:.0f}s in all):")
     print(table)

@@ -647,7 +647,6 @@ class SearchWeighting(Weighting):
         self.finished = False
         self.chosen: Dict[int, str] = {}
         self._fixed: Dict[str, float] = {}
-        self._current: Dict[str, float] = {}
         self._names: List[str] = []
         self.updates = 0
         self.trace: List[dict] = []
@@ -655,17 +654,25 @@ class SearchWeighting(Weighting):
     def begin_step(self, names: Iterable[str], ctx: object = None, new_classes: Optional[int] = None,
                    old_classes: Optional[int] = None) -> None:
         self._names = list(names)
-        self._current = self.search.term_weights()
+
+    def total(self, terms: Mapping[str, Tensor]) -> Tensor:
+        if self.finished:
+            return super().total(terms)
+        if not terms:
+            raise ValueError("weighting: no loss term to sum")
+        # the weights as device tensors: no host synchronisation per iteration
+        weights = self.search.term_weight_tensors()
+        total: Optional[Tensor] = None
+        for name, value in terms.items():
+            w = weights.get(name)
+            part = value.float() if w is None else value.float() * w.to(value.device)
+            total = part if total is None else total + part
+        return total
 
     def weight(self, name: str) -> float:
         if self.finished:
             return self._fixed.get(name, 1.0)
-        return self._current.get(name, 1.0)
-
-    def total(self, terms: Mapping[str, Tensor]) -> Tensor:
-        if not self.finished:
-            self._current = self.search.term_weights()
-        return super().total(terms)
+        return float(self.search.term_weights().get(name, 1.0))
 
     def weights(self, names: Optional[Iterable[str]] = None) -> Dict[str, float]:
         names = list(names) if names is not None else self._names
@@ -716,4 +723,3 @@ class SearchWeighting(Weighting):
         self._fixed = {str(k): float(v) for k, v in state.get("fixed", {}).items()}
         self.updates = int(state.get("updates", 0))
         self.trace = list(state.get("trace", []))
-        self._current = self.search.term_weights()

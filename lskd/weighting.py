@@ -191,6 +191,17 @@ def deeplab_layers(model: nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _per_term(grads: Sequence[Optional[torch.Tensor]], stat: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``[T]`` float64 on the CPU: ``stat(grad)`` per term, 0 where the gradient is None; one
+    device-to-host copy for all the terms."""
+    vals = [stat(g).reshape(()) for g in grads if g is not None]
+    out = torch.zeros(len(grads), dtype=torch.float64)
+    if vals:
+        idx = torch.tensor([i for i, g in enumerate(grads) if g is not None])
+        out[idx] = torch.stack([v.to(vals[0].device) for v in vals]).cpu()
+    return out
+
+
 def _all_reduce_mean(t: torch.Tensor) -> None:
     """Average ``t`` over the DDP ranks in place (no-op without an initialised process group)."""
     dist = torch.distributed
@@ -320,7 +331,8 @@ class _GradientBalance(Weighting):
         return grads
 
     def _losses(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return torch.tensor([float(terms[n].detach()) for n in self._names], dtype=torch.float64)
+        # one device-to-host copy for all the terms (not one synchronisation per term)
+        return torch.stack([terms[n].detach().double().reshape(()) for n in self._names]).cpu()
 
     def _ratios(self, losses: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
         """r_i = (L_i / L_i(0)) / mean over i's group of L_j / L_j(0) (0/0 -> 1)."""
@@ -463,7 +475,7 @@ class RGE(_GradientBalance):
         if len(self._names) < 2:
             return
         grads = self.term_gradients(model, terms, loss_scale)
-        g = torch.tensor([0.0 if gr is None else float(gr.mean()) for gr in grads], dtype=torch.float64)
+        g = _per_term(grads, lambda gr: gr.double().mean())
         losses = self._losses(terms)
         if self.epochs_done == 0:
             self.loss0 = losses.clone()
@@ -511,7 +523,7 @@ class GradNorm(_GradientBalance):
         if len(self._names) < 2:
             return
         grads = self.term_gradients(model, terms, loss_scale)
-        norms = torch.tensor([0.0 if gr is None else float(gr.double().norm()) for gr in grads], dtype=torch.float64)
+        norms = _per_term(grads, lambda gr: gr.double().norm())
         losses = self._losses(terms)
         if self.loss0 is None:
             self.loss0 = losses.clone()

@@ -180,7 +180,7 @@ def test_total_is_the_weighted_sum():
         rge.w.copy_(torch.arange(1, 10, dtype=torch.float32))
     terms = toy.terms()
     total = rge.total(terms)
-    assert float(total) == pytest.approx(sum((i + 1) * float(terms[n]) for i, n in enumerate(NAMES)), rel=1e-5)
+    assert float(total.detach()) == pytest.approx(sum((i + 1) * float(terms[n].detach()) for i, n in enumerate(NAMES)), rel=1e-5)
     total.backward()
     assert rge.w.grad is None  # weights never get gradients from the total
     f = FixedWeights({"unkd": 0.5})
@@ -204,7 +204,7 @@ def test_rge_on_deeplab_terms_of_a_real_batch():
     method.labeler.thresholds = torch.full((3,), 1.01)  # every background pixel pseudo-labelled
     t_out, bctx = method.teacher_forward(teacher, images, labels, ctx)
     terms = method.terms(images, labels, student(images), t_out, bctx)
-    assert list(terms) == NAMES and float(terms["ce"]) > 0
+    assert list(terms) == NAMES and float(terms["ce"].detach()) > 0
     rge = RGE()
     rge.begin_step(list(terms), ctx)
     grads = rge.term_gradients(student, terms)
@@ -212,4 +212,4 @@ def test_rge_on_deeplab_terms_of_a_real_batch():
     rge.update(student, terms)
     assert rge.w.grad is not None and bool(torch.isfinite(rge.w.grad).all())
     assert all(p.grad is None for p in student.parameters())  # nothing accumulated into the network
-    assert math.isfinite(float(rge.total(terms)))
+    assert math.isfinite(float(rge.total(terms).detach()))
