@@ -9,8 +9,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "common.h"
@@ -23,6 +25,14 @@ namespace cpu {
 
 // Channels per work unit when rows are not unit-stride (e.g. channels-last).
 inline constexpr int64_t kChannelBlock = 16;
+
+// Grain of at::parallel_for for work units of `elems` elements each: about
+// at::internal::GRAIN_SIZE elements per task, so that a small map runs on the
+// calling thread instead of waking the OpenMP pool (tens of microseconds).
+// The summation orders are fixed per unit: results never depend on it.
+inline int64_t grain_for(int64_t elems) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, elems));
+}
 
 // rows of channels [0, cb) at p (pointing at (n, c0, r, 0)) -> out[cb][W] in acc.
 // pf: element offset of the next row, prefetched on the channels-last path

@@ -21,6 +21,7 @@
 namespace lskd {
 namespace {
 
+using cpu::grain_for;
 using cpu::kChannelBlock;
 using cpu::load_rows;
 
@@ -40,7 +41,7 @@ void md_stats_kernel(const at::Tensor& A, const at::Tensor& B, const at::Tensor&
   const int64_t cb = (sa.w == 1 && sb.w == 1 && sd.w == 1 && W > 1) ? 1 : kChannelBlock;
   const acc eps = static_cast<acc>(eps_d);
 
-  at::parallel_for(0, N * nrb, 1, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, N * nrb, grain_for(3 * C * rb * W), [&](int64_t u0, int64_t u1) {
     const int64_t npmax = rb * W;
     std::vector<acc> dab(npmax), dad(npmax), naa(npmax), nbb(npmax), ndd(npmax);
     std::vector<acc> ba(cb * W), bb(cb * W), bd(cb * W);

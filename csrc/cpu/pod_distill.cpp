@@ -22,6 +22,7 @@
 namespace lskd {
 namespace {
 
+using cpu::grain_for;
 using cpu::kChannelBlock;
 using cpu::load_rows;
 using cpu::store_rows;
@@ -50,7 +51,7 @@ void pod_forward_kernel(const at::Tensor& a, const at::Tensor& b, const at::Tens
   const int64_t cb = (sa.w == 1 && sb.w == 1 && W > 1) ? 1 : kChannelBlock;
   const int64_t nblk = (C + cb - 1) / cb;
 
-  at::parallel_for(0, N * nblk, 1, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, N * nblk, grain_for(cb * H * W), [&](int64_t u0, int64_t u1) {
     std::vector<acc> bufa(cb * W), bufb(cb * W);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t n = u / nblk, c0 = (u % nblk) * cb, ncb = std::min(C, c0 + cb) - c0;
@@ -139,7 +140,7 @@ void pod_backward_kernel(const at::Tensor& gd, const at::Tensor& a, const at::Te
   const int64_t cb = (sa.w == 1 && sg.w == 1 && W > 1) ? 1 : kChannelBlock;
   const int64_t nblk = (C + cb - 1) / cb;
 
-  at::parallel_for(0, N * nblk, 1, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, N * nblk, grain_for(cb * H * W), [&](int64_t u0, int64_t u1) {
     std::vector<acc> buf(cb * W), coef(W);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t n = u / nblk, c0 = (u % nblk) * cb, ncb = std::min(C, c0 + cb) - c0;

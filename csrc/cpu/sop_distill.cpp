@@ -24,6 +24,7 @@
 namespace lskd {
 namespace {
 
+using cpu::grain_for;
 using cpu::kChannelBlock;
 using cpu::load_rows;
 using cpu::store_rows;
@@ -50,7 +51,7 @@ void sop_forward_kernel(const at::Tensor& a, const at::Tensor& b, const at::Tens
   const int64_t cb = (sa.w == 1 && sb.w == 1 && W > 1) ? 1 : std::min(kChannelBlock, k);
   const acc div = static_cast<acc>(wh * ww);
 
-  at::parallel_for(0, N * G, 1, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, N * G, grain_for(k * H * W), [&](int64_t u0, int64_t u1) {
     const int64_t Wp = W + 2 * pw;  // column sums with the zero padding on both sides
     std::vector<acc> Pa(k * P), Pb(k * P), bufa(cb * W), bufb(cb * W), cola(cb * Wp), colb(cb * Wp);
     std::vector<acc> suu(P), svv(P), suv(P), term(P);
@@ -173,7 +174,7 @@ void sop_backward_kernel(const at::Tensor& gd2, const at::Tensor* smask, const a
   const int64_t nblk = (C + cb - 1) / cb;
   const acc div = static_cast<acc>(wh * ww);
 
-  at::parallel_for(0, N * nblk, 1, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, N * nblk, grain_for(cb * H * W), [&](int64_t u0, int64_t u1) {
     const int64_t Wp = W + 2 * pw;
     std::vector<acc> buf(cb * W), col(Wo), rowp(Wp);
     for (int64_t u = u0; u < u1; ++u) {
