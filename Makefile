@@ -48,6 +48,7 @@ demo: $(VENV)/.built
 
 example: $(VENV)/.built
 	$(PY) examples/drop_in_losses.py
+	$(PY) examples/rge_in_your_loop.py
 
 bench: $(VENV)/.built
 	mkdir -p benches/results
