@@ -35,7 +35,6 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ._io import atomic_open
 from .train import report
 from .train.trainer import TrainConfig, train
 
@@ -142,12 +141,8 @@ def _schemes_and_weights_md(summaries: Dict[str, dict]) -> List[str]:
 def plot_comparison(path: Path, summaries: Dict[str, dict], title: str = "") -> Optional[Path]:
     """``comparison.png``: three panels (old, new, all mIoU) against the step, one line per method;
     joint (one offline step) is a dashed horizontal line."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
+    plt = report.pyplot()
+    if plt is None:  # pragma: no cover
         return None
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), dpi=100, sharey=True)
     steps = sorted({e["step"] for s in summaries.values() for e in s["steps"] if not s.get("offline")})
@@ -170,13 +165,7 @@ def plot_comparison(path: Path, summaries: Dict[str, dict], title: str = "") -> 
     axes[-1].legend(loc="best", fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        with atomic_open(path, "wb") as f:
-            fig.savefig(f, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return report.save_figure(fig, path)
 
 
 def run_demo(
@@ -215,7 +204,6 @@ def run_demo(
         quiet=True,
         **preset["train"],
     )
-    n_steps = None
     timings: Dict[str, float] = {}
     summaries: Dict[str, dict] = {}
 

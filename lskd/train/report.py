@@ -47,6 +47,8 @@ __all__ = [
     "format_number",
     "write_reports",
     "plot_weights",
+    "pyplot",
+    "save_figure",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -116,14 +118,35 @@ def _series(steps: List[dict], key: str):
     return xs, ys
 
 
-def plot_miou(path: PathLike, summary: dict) -> Optional[Path]:
-    """``miou.png``: mIoU (old / new / all) per step. Returns None when matplotlib is missing."""
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only), or None when matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is a dependency of the CLI
+    except ImportError:  # pragma: no cover
+        return None
+    return plt
+
+
+def save_figure(fig, path: PathLike) -> Path:
+    """Lay out ``fig``, write it as a PNG atomically to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    try:
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def plot_miou(path: PathLike, summary: dict) -> Optional[Path]:
+    """``miou.png``: mIoU (old / new / all) per step. Returns None when matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:  # pragma: no cover - matplotlib is a dependency of the CLI
         return None
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     styles = {"miou_old": ("old", "o-"), "miou_new": ("new", "s-"), "miou_all": ("all", "^-")}
@@ -140,13 +163,7 @@ def plot_miou(path: PathLike, summary: dict) -> Optional[Path]:
     ax.set_title(f"{summary.get('method')} on {summary.get('dataset')} {summary.get('task')}")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    try:
-        with atomic_open(path, "wb") as f:
-            fig.savefig(f, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _map_label(m: str) -> str:
@@ -166,12 +183,8 @@ def plot_weights(path: PathLike, traces: Sequence[dict]) -> Optional[Path]:
     traces = [t for t in sorted(traces, key=lambda t: t["step"]) if t.get("trace")]
     if not traces:
         return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
+    plt = pyplot()
+    if plt is None:  # pragma: no cover - matplotlib is a dependency of the CLI
         return None
     maps = sorted({m for t in traces for e in t["trace"] for m in e.get("probabilities", {})}, key=int)
     ncols = max(1, min(3, len(maps)))
@@ -219,13 +232,7 @@ def plot_weights(path: PathLike, traces: Sequence[dict]) -> Optional[Path]:
         pax.grid(alpha=0.3)
         if k == 0:
             pax.legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        with atomic_open(path, "wb") as f:
-            fig.savefig(f, format="png")
-    finally:
-        plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def format_number(v: Optional[float], width: int = 6) -> str:
