@@ -330,6 +330,33 @@ class _GradientBalance(Weighting):
             grads.append(None if g is None else g.detach().float() / loss_scale)
         return grads
 
+    def update(self, model: Optional[nn.Module], terms: Mapping[str, torch.Tensor], loss_scale: float = 1.0) -> None:
+        """Per-term gradients -> the scheme's statistic per term -> its balance loss -> ``w.grad``."""
+        if len(self._names) < 2:
+            return
+        grads = self.term_gradients(model, terms, loss_scale)
+        stats = _per_term(grads, self.gradient_statistic)
+        losses = self._losses(terms)
+        self.track_loss0(losses)
+        w = self.w.detach().double().requires_grad_(True)
+        loss = self.balance_loss(w, stats, losses)
+        (grad,) = torch.autograd.grad(loss, w)
+        self._set_grad(grad)
+        self.last = {f"{self.name}_loss": float(loss.detach())}
+        self._record({self.statistic_name: stats.tolist()})
+
+    # subclasses: the per-term statistic of dL_i/dW_i, the L(0) rule and the balance loss
+    statistic_name = "statistic"
+
+    def gradient_statistic(self, grad: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def track_loss0(self, losses: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def balance_loss(self, w: torch.Tensor, stats: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def _losses(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
         # one device-to-host copy for all the terms (not one synchronisation per term)
         return torch.stack([terms[n].detach().double().reshape(()) for n in self._names]).cpu()
@@ -471,20 +498,16 @@ class RGE(_GradientBalance):
             loss = loss + self.beta * torch.clamp(1.25 * w[a] - w[b], min=0)
         return loss
 
-    def update(self, model: Optional[nn.Module], terms: Mapping[str, torch.Tensor], loss_scale: float = 1.0) -> None:
-        if len(self._names) < 2:
-            return
-        grads = self.term_gradients(model, terms, loss_scale)
-        g = _per_term(grads, lambda gr: gr.double().mean())
-        losses = self._losses(terms)
+    statistic_name = "g"
+
+    def gradient_statistic(self, grad: torch.Tensor) -> torch.Tensor:
+        """g_i = the signed mean of dL_i/dW_i."""
+        return grad.double().mean()
+
+    def track_loss0(self, losses: torch.Tensor) -> None:
+        """L(0) follows the current batch during epoch 0 (frozen at its last batch)."""
         if self.epochs_done == 0:
             self.loss0 = losses.clone()
-        w = self.w.detach().double().requires_grad_(True)
-        loss = self.balance_loss(w, g, losses)
-        (grad,) = torch.autograd.grad(loss, w)
-        self._set_grad(grad)
-        self.last = {"rge_loss": float(loss.detach())}
-        self._record({"g": g.tolist()})
 
     def end_epoch(self, epoch: int, last_terms: Optional[Mapping[str, float]] = None) -> None:
         self.epochs_done = epoch + 1
@@ -519,20 +542,16 @@ class GradNorm(_GradientBalance):
         target = G.detach().mean() * r ** self.alpha
         return (G - target).abs().sum()
 
-    def update(self, model: Optional[nn.Module], terms: Mapping[str, torch.Tensor], loss_scale: float = 1.0) -> None:
-        if len(self._names) < 2:
-            return
-        grads = self.term_gradients(model, terms, loss_scale)
-        norms = _per_term(grads, lambda gr: gr.double().norm())
-        losses = self._losses(terms)
+    statistic_name = "norms"
+
+    def gradient_statistic(self, grad: torch.Tensor) -> torch.Tensor:
+        """||dL_i/dW_i||_2."""
+        return grad.double().norm()
+
+    def track_loss0(self, losses: torch.Tensor) -> None:
+        """L(0) = the terms of the first batch of the step."""
         if self.loss0 is None:
             self.loss0 = losses.clone()
-        w = self.w.detach().double().requires_grad_(True)
-        loss = self.balance_loss(w, norms, losses)
-        (grad,) = torch.autograd.grad(loss, w)
-        self._set_grad(grad)
-        self.last = {"gradnorm_loss": float(loss.detach())}
-        self._record({"norms": norms.tolist()})
 
     def after_step(self) -> None:
         super().after_step()
