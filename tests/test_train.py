@@ -294,6 +294,15 @@ def test_ddp_two_processes_gloo_dynamic(synth, tmp_path, variant):
     assert json.loads((tmp_path / "ddp" / "weights" / "step1.json").read_text())["trace"]
 
 
+def test_search_split_checked_before_training(synth, tmp_path):
+    """A held-out split that leaves too few training images fails before step 0 is trained,
+    naming the step, the counts and the option; nothing claims success."""
+    out = tmp_path / "tiny-split"
+    with pytest.raises(RunError, match=r"step \d+ has \d+ training images.*--search-split 0.9"):
+        train(_cfg(synth, out, "lskd", batch_size=4, search="bilevel", search_split=0.9))
+    assert not (out / "checkpoints").exists() and not (out / "summary.json").exists()
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_runs(synth, tmp_path, amp):
     """--amp bf16 / fp16 (GradScaler) on the CPU: finite losses, a complete summary."""

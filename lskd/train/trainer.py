@@ -565,6 +565,15 @@ class Trainer:
             )
         return sorted(perm[k:]), sorted(perm[:k])
 
+    def check_search_data(self, first: int, last: int) -> None:
+        """Before any training: every step > 0 to train has enough images for the search's split
+        (so that a run does not stop at step t after training the steps before it)."""
+        if self.cfg.search != "bilevel":
+            return
+        for t in range(max(first, 1), last + 1):
+            if self.context(t).incremental:
+                self.search_split(len(self.train_subset(t)), t)
+
     def _finish_search(self, ctx: StepContext, what: str) -> None:
         """Fix the argmax scheme of every map and the learnt map weights for the rest of the step."""
         chosen = self.weighting.finish()
@@ -874,6 +883,7 @@ class Trainer:
         """Train the planned steps, evaluate each, write the reports (rank 0); return the summary."""
         try:
             plan = self.plan()
+            self.check_search_data(plan[0], plan[1])
             err = None
         except (RunError, ValueError, FileNotFoundError) as e:
             plan, err = None, e
