@@ -100,6 +100,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .methods.lskd import SCHEMES
+from ._dist import average_over_ranks_
 from .weighting import Weighting
 
 __all__ = [
@@ -539,20 +540,12 @@ class SchemeSearch(nn.Module):
     def reduce_gradients(self) -> None:
         """Average ``beta.grad`` and ``w.grad`` over the ranks (one all_reduce) when torch.distributed
         is initialised with more than one rank; a missing grad counts as 0. No-op otherwise."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        world = dist.get_world_size(self.process_group)
-        if world <= 1:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(self.process_group) <= 1:
             return
         for p in (self.beta, self.w):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        flat = torch.cat([self.beta.grad.reshape(-1), self.w.grad.reshape(-1)])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
-        flat.div_(world)
-        n = self.beta.numel()
-        self.beta.grad.copy_(flat[:n].view_as(self.beta))
-        self.w.grad.copy_(flat[n:].view_as(self.w))
+        average_over_ranks_([self.beta.grad, self.w.grad], self.process_group)
 
     def step(self) -> None:
         """Reduce the gradients over ranks, one Adam step, then ``w <- clamp(w, w_min)`` and
@@ -655,28 +648,17 @@ class SearchWeighting(Weighting):
                    old_classes: Optional[int] = None) -> None:
         self._names = list(names)
 
-    def total(self, terms: Mapping[str, Tensor]) -> Tensor:
-        if self.finished:
-            return super().total(terms)
-        if not terms:
-            raise ValueError("weighting: no loss term to sum")
+    def term_factors(self, terms: Mapping[str, Tensor]) -> Mapping[str, object]:
+        if self.finished or not terms:
+            return super().term_factors(terms)
         # the weights as device tensors: no host synchronisation per iteration
-        weights = self.search.term_weight_tensors()
-        total: Optional[Tensor] = None
-        for name, value in terms.items():
-            w = weights.get(name)
-            part = value.float() if w is None else value.float() * w.to(value.device)
-            total = part if total is None else total + part
-        return total
+        device = next(iter(terms.values())).device
+        return {name: w.to(device) for name, w in self.search.term_weight_tensors().items()}
 
     def weight(self, name: str) -> float:
         if self.finished:
             return self._fixed.get(name, 1.0)
         return float(self.search.term_weights().get(name, 1.0))
-
-    def weights(self, names: Optional[Iterable[str]] = None) -> Dict[str, float]:
-        names = list(names) if names is not None else self._names
-        return {n: self.weight(n) for n in names}
 
     def finish(self) -> Dict[int, str]:
         """Fix the argmax schemes and the map weights; returns ``{map: scheme}``."""

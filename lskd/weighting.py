@@ -39,6 +39,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 from torch import nn
 
+from ._dist import average_over_ranks_
+
 __all__ = [
     "Weighting",
     "FixedWeights",
@@ -68,13 +70,20 @@ class Weighting:
         """The current weight of term ``name``."""
         raise NotImplementedError
 
+    def term_factors(self, terms: Mapping[str, torch.Tensor]) -> Mapping[str, object]:
+        """The factor of each term in :meth:`total`: a float, or a 0-dim tensor on the terms'
+        device (no host synchronisation); a name left out counts 1."""
+        return {name: self.weight(name) for name in terms}
+
     def total(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``sum_i w_i * term_i`` over the terms (float32 accumulation; w_i never receive gradients here)."""
         if not terms:
             raise ValueError("weighting: no loss term to sum")
+        factors = self.term_factors(terms)
         total: Optional[torch.Tensor] = None
         for name, value in terms.items():
-            part = value.float() * self.weight(name)
+            f = factors.get(name)
+            part = value.float() if f is None else value.float() * f
             total = part if total is None else total + part
         return total
 
@@ -95,9 +104,12 @@ class Weighting:
         steps its own optimiser)."""
         return []
 
+    _names: Sequence[str] = ()  # the names given to begin_step (set by the subclasses)
+
     def weights(self, names: Optional[Iterable[str]] = None) -> Dict[str, float]:
         """``{name: weight}`` for ``names`` (default: every name given to :meth:`begin_step`)."""
-        raise NotImplementedError
+        names = list(names) if names is not None else list(self._names)
+        return {n: self.weight(n) for n in names}
 
     def state_dict(self) -> dict:
         return {}
@@ -127,10 +139,6 @@ class FixedWeights(Weighting):
 
     def weight(self, name: str) -> float:
         return self._weights.get(name, self.default)
-
-    def weights(self, names: Optional[Iterable[str]] = None) -> Dict[str, float]:
-        names = list(names) if names is not None else self._names
-        return {n: self.weight(n) for n in names}
 
     def state_dict(self) -> dict:
         return {"weights": dict(self._weights), "default": self.default}
@@ -200,18 +208,6 @@ def _per_term(grads: Sequence[Optional[torch.Tensor]], stat: Callable[[torch.Ten
         idx = torch.tensor([i for i, g in enumerate(grads) if g is not None])
         out[idx] = torch.stack([v.to(vals[0].device) for v in vals]).cpu()
     return out
-
-
-def _all_reduce_mean(t: torch.Tensor) -> None:
-    """Average ``t`` over the DDP ranks in place (no-op without an initialised process group)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    buf = t.cuda() if dist.get_backend() == "nccl" and not t.is_cuda else t
-    dist.all_reduce(buf)
-    buf /= dist.get_world_size()
-    if buf is not t:
-        t.copy_(buf)
 
 
 class _GradientBalance(Weighting):
@@ -285,22 +281,12 @@ class _GradientBalance(Weighting):
             raise KeyError(f"{self.name}: unknown term {name!r}; call begin_step with the step's terms {self._names}")
         return float(self.w.detach()[self._names.index(name)])
 
-    def total(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if not terms:
-            raise ValueError("weighting: no loss term to sum")
+    def term_factors(self, terms: Mapping[str, torch.Tensor]) -> Mapping[str, object]:
         missing = [n for n in terms if n not in self._names]
         if missing:
             raise KeyError(f"{self.name}: terms {missing} were not announced by begin_step ({self._names})")
-        w = self.w.detach().to(next(iter(terms.values())).device)  # one copy, not one per term
-        total: Optional[torch.Tensor] = None
-        for name, value in terms.items():
-            part = value.float() * w[self._names.index(name)]
-            total = part if total is None else total + part
-        return total
-
-    def weights(self, names: Optional[Iterable[str]] = None) -> Dict[str, float]:
-        names = list(names) if names is not None else self._names
-        return {n: self.weight(n) for n in names}
+        w = self.w.detach().to(next(iter(terms.values())).device) if terms else self.w  # one copy, not one per term
+        return {name: w[self._names.index(name)] for name in terms}
 
     def parameters(self) -> List[nn.Parameter]:
         return [] if self._optimizer is not None else [self.w]
@@ -381,7 +367,7 @@ class _GradientBalance(Weighting):
 
     def _set_grad(self, grad: torch.Tensor) -> None:
         grad = grad.detach().to(self.w.dtype).clone()
-        _all_reduce_mean(grad)
+        average_over_ranks_([grad])
         self.w.grad = grad
 
     def _record(self, extra: Optional[dict] = None) -> None:

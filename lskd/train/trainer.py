@@ -338,7 +338,7 @@ class Trainer:
         self.amp_dtype = AMP_DTYPES[cfg.amp]
         self.method_name = cfg.method.lower()
         self.method: Method = build_method(self.method_name)
-        self.weighting: Weighting = build_weighting(cfg.weighting, cfg.term_weights)
+        self.weighting: Optional[Weighting] = None  # built per step (train_step)
         kind = DATASETS[cfg.dataset]
         root = Path(cfg.data_root)
         if not root.exists():
