@@ -63,30 +63,57 @@ def make_maps(shapes: Sequence[Tuple[int, int, int, int]], dtype: torch.dtype, s
     return students, teachers, spatial, channel
 
 
-def lskd_loss(students, teachers, spatial, channel, backend: Optional[str]) -> torch.Tensor:
+def lskd_loss(students, teachers, spatial, channel, backend: Optional[str], fused: bool = True,
+              groups: int = 20) -> torch.Tensor:
     """The released LSKD distillation terms over the six maps, fixed weights (SPEC 3).
 
     Maps 0-1 Local POD, 2-3 MD, 4 MD + MCD, 5 masked Local POD. ``backend=None``
     runs the eager reference in the inputs' dtype (the released code's baseline).
+    ``fused``: the seven terms in one :func:`lskd.distill_terms` call (one op and
+    one autograd node), else seven pod_distill/sop_distill calls.
     """
-    if backend is None:
-        def pod(a, b, m=None, n=None):
-            return reference.pod_distances(a, b, m, n).mean()
-
-        def sop(a, b, m=None, n=None):
-            return reference.sop_distances(a, b, m, n).mean()
-    else:
-        def pod(a, b, m=None, n=None):
-            return lskd.pod_distill(a, b, m, n, backend=backend)
-
-        def sop(a, b, m=None, n=None):
-            return lskd.sop_distill(a, b, m, n, backend=backend)
-
     s, t, m, n = students, teachers, spatial, channel
-    loss = 0.01 * (pod(s[0], t[0]) + pod(s[1], t[1]) + pod(s[2], t[2], m[2], n[2]) + pod(s[3], t[3], m[3], n[3]))
-    loss = loss + 0.01 * pod(s[4], t[4], m[4], n[4]) + 0.005 * sop(s[4], t[4], m[4], n[4])
-    loss = loss + 0.0005 * pod(s[5], t[5], m[5], None)
-    return loss
+    if backend is not None and fused:
+        pod0, pod1, md2, md3, md4, mcd, md5 = lskd.distill_terms(
+            [
+                lskd.PodTerm(s[0], t[0]),
+                lskd.PodTerm(s[1], t[1]),
+                lskd.PodTerm(s[2], t[2], m[2], n[2]),
+                lskd.PodTerm(s[3], t[3], m[3], n[3]),
+                lskd.PodTerm(s[4], t[4], m[4], n[4]),
+                lskd.SopTerm(s[4], t[4], m[4], n[4], groups=groups),
+                lskd.PodTerm(s[5], t[5], m[5], None),
+            ],
+            backend=backend,
+        )
+    else:
+        if backend is None:
+            def pod(a, b, sm=None, cm=None):
+                return reference.pod_distances(a, b, sm, cm).mean()
+
+            def sop(a, b, sm=None, cm=None):
+                return reference.sop_distances(a, b, sm, cm, groups=groups).mean()
+        else:
+            def pod(a, b, sm=None, cm=None):
+                return lskd.pod_distill(a, b, sm, cm, backend=backend)
+
+            def sop(a, b, sm=None, cm=None):
+                return lskd.sop_distill(a, b, sm, cm, groups=groups, backend=backend)
+
+        pod0, pod1, md2, md3 = pod(s[0], t[0]), pod(s[1], t[1]), pod(s[2], t[2], m[2], n[2]), pod(s[3], t[3], m[3], n[3])
+        md4, mcd, md5 = pod(s[4], t[4], m[4], n[4]), sop(s[4], t[4], m[4], n[4]), pod(s[5], t[5], m[5], None)
+    loss = 0.01 * (pod0 + pod1 + md2 + md3)
+    return loss + 0.01 * md4 + 0.005 * mcd + 0.0005 * md5
+
+
+PER_TERM = "-per-term"
+
+
+def split_variant(backend: str) -> Tuple[str, bool]:
+    """Benchmark label -> (backend, fused): "cuda" runs distill_terms, "cuda-per-term" seven calls."""
+    if backend.endswith(PER_TERM):
+        return backend[: -len(PER_TERM)], False
+    return backend, True
 
 
 def floor_bytes(op: str, shapes, dtype: torch.dtype) -> int:

@@ -165,8 +165,13 @@ def test_md_masks(benchmark, device_info, backend, dtype):
 
 
 # ---------------------------------------------------------------- whole loss
+# "cpu"/"cuda": the seven terms in one lskd.distill_terms call; "<backend>-per-term":
+# seven pod_distill/sop_distill calls (Triton always runs its terms one by one).
+LOSS_BACKENDS = _backends(True) + [b + wl.PER_TERM for b in KERNEL_BACKENDS if b in ("cpu", "cuda")]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("backend", _backends(True))
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
 def test_lskd_loss(benchmark, device_info, backend, dtype):
     """The LSKD distillation loss over the six maps (released assignment), fwd + bwd."""
     shapes = wl.lskd_maps()
@@ -177,7 +182,9 @@ def test_lskd_loss(benchmark, device_info, backend, dtype):
 
     fn = _loss_fn(ref, backend, ("loss", dtype))
     if fn is None:
+        impl, fused = wl.split_variant(backend)
+
         def fn():
-            wl.lskd_loss(s, t, m, n, backend).backward()
+            wl.lskd_loss(s, t, m, n, impl, fused=fused).backward()
     benchmark.group = f"lskd_loss six maps {_dtype_id(dtype)}"
     _run(benchmark, device_info, "lskd_loss", backend, shapes, dtype, fn, s)

@@ -139,32 +139,17 @@ def test_overhead_md_masks(benchmark, device_info, backend):
     _measure(benchmark, device_info, "md_masks", backend, [TINY], torch.float32, fn, [])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["cpu" + wl.PER_TERM, "cuda" + wl.PER_TERM])
 def test_overhead_lskd_loss(benchmark, device_info, backend):
-    """The whole LSKD loss (seven terms over six maps, masks on four) on tiny maps, one backward."""
-    _skip_unless_available(backend)
+    """The whole LSKD loss (seven terms over six maps, masks on four) on tiny maps, one backward:
+    "cpu"/"cuda" in one lskd.distill_terms call, "<backend>-per-term" in seven calls."""
+    impl, fused = wl.split_variant(backend)
+    _skip_unless_available(impl)
     shapes = [TINY] * 6
     s, t, m, n = wl.make_maps(shapes, torch.float32)
-    groups = 2
 
-    if backend == "eager":
-        def pod(a, b, sm=None, cm=None):
-            return reference.pod_distances(a, b, sm, cm).mean()
-
-        def sop(a, b, sm=None, cm=None):
-            return reference.sop_distances(a, b, sm, cm, groups=groups).mean()
-    else:
-        def pod(a, b, sm=None, cm=None):
-            return lskd.pod_distill(a, b, sm, cm, backend=backend)
-
-        def sop(a, b, sm=None, cm=None):
-            return lskd.sop_distill(a, b, sm, cm, groups=groups, backend=backend)
-
-    def fn():  # the terms of wl.lskd_loss (groups = 2 for C = 4)
-        loss = 0.01 * (pod(s[0], t[0]) + pod(s[1], t[1]) + pod(s[2], t[2], m[2], n[2]) + pod(s[3], t[3], m[3], n[3]))
-        loss = loss + 0.01 * pod(s[4], t[4], m[4], n[4]) + 0.005 * sop(s[4], t[4], m[4], n[4])
-        loss = loss + 0.0005 * pod(s[5], t[5], m[5], None)
-        loss.backward()
+    def fn():  # groups = 2 for C = 4
+        wl.lskd_loss(s, t, m, n, None if impl == "eager" else impl, fused=fused, groups=2).backward()
 
     benchmark.group = "overhead lskd_loss six tiny maps"
     _measure(benchmark, device_info, "lskd_loss", backend, shapes, torch.float32, fn, s)

@@ -11,6 +11,8 @@
 //   pod_distill / sop_distill   the same plus the reduction of dist over the
 //       batch (0 = none, 1 = mean, 2 = sum as at::Reduction), one autograd node
 //       for the whole loss term (no separate MeanBackward/SumBackward node).
+//   distill_terms   several pod/sop terms in one op and one autograd node with
+//       one output per term; a term whose output gets no gradient runs no backward.
 //
 // The forward calls the backend kernel (CPU or CUDA) through the dispatcher
 // below autograd; the backward calls lskd::pod_backward / lskd::sop_backward
@@ -53,6 +55,9 @@ using SopBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const Op
                                   at::IntArrayRef);
 using SopDistillSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, int64_t,
                                  at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t);
+using OptTensorList = c10::List<OptTensor>;
+using DistillTermsSig = std::vector<at::Tensor>(at::TensorList, at::TensorList, const OptTensorList&,
+                                                const OptTensorList&, at::IntArrayRef, int64_t);
 
 #define LSKD_OP_HANDLE(fn, Sig, name)                                                            \
   const c10::TypedOperatorHandle<Sig>& fn() {                                                    \
@@ -65,6 +70,7 @@ LSKD_OP_HANDLE(pod_distill_op, PodDistillSig, "lskd::pod_distill")
 LSKD_OP_HANDLE(sop_forward_op, SopForwardSig, "lskd::sop_forward")
 LSKD_OP_HANDLE(sop_backward_op, SopBackwardSig, "lskd::sop_backward")
 LSKD_OP_HANDLE(sop_distill_op, SopDistillSig, "lskd::sop_distill")
+LSKD_OP_HANDLE(distill_terms_op, DistillTermsSig, "lskd::distill_terms")
 #undef LSKD_OP_HANDLE
 
 // ---------------------------------------------------------------- helpers
@@ -295,6 +301,153 @@ at::Tensor sop_distill_kernel(const at::Tensor& student, const at::Tensor& teach
   return reduce(std::get<0>(out), reduction);
 }
 
+
+// ---------------------------------------------------------------- several terms, one node
+
+// One term of lskd::distill_terms, parsed from its params (see csrc/ops.cpp).
+struct TermSpec {
+  int64_t kind = 0;  // 0 = pod_distill, 1 = sop_distill
+  bool square = true;
+  std::vector<int64_t> scales;
+  int64_t groups = 1;
+  std::vector<int64_t> window, stride, padding;
+};
+
+std::vector<TermSpec> parse_terms(at::IntArrayRef params) {
+  std::vector<TermSpec> specs;
+  size_t i = 0;
+  const size_t n = params.size();
+  auto need = [&](size_t count, const char* what) {
+    TORCH_CHECK(i + count <= n, "lskd: distill_terms: params end inside the ", what, " of term ", specs.size(),
+                " (", n, " values)");
+  };
+  while (i < n) {
+    TermSpec t;
+    t.kind = params[i++];
+    if (t.kind == 0) {
+      need(2, "pod parameters");
+      t.square = params[i++] != 0;
+      const int64_t ns = params[i++];
+      TORCH_CHECK(ns >= 1 && ns <= 8, "lskd: distill_terms: term ", specs.size(), " has ", ns,
+                  " scales (1 to 8 are supported)");
+      need(static_cast<size_t>(ns), "scales");
+      t.scales.assign(params.begin() + i, params.begin() + i + ns);
+      i += static_cast<size_t>(ns);
+    } else if (t.kind == 1) {
+      need(7, "sop parameters");
+      t.groups = params[i];
+      t.window = {params[i + 1], params[i + 2]};
+      t.stride = {params[i + 3], params[i + 4]};
+      t.padding = {params[i + 5], params[i + 6]};
+      i += 7;
+    } else {
+      TORCH_CHECK(false, "lskd: distill_terms: term ", specs.size(), " has kind ", t.kind,
+                  " (0 = pod_distill, 1 = sop_distill)");
+    }
+    specs.push_back(std::move(t));
+  }
+  return specs;
+}
+
+std::vector<TermSpec> check_terms(at::TensorList students, at::TensorList teachers, const OptTensorList& m,
+                                  const OptTensorList& k, at::IntArrayRef params, int64_t reduction) {
+  check_reduction("distill_terms", reduction);
+  auto specs = parse_terms(params);
+  const size_t T = specs.size();
+  TORCH_CHECK(students.size() == T && teachers.size() == T && m.size() == T && k.size() == T,
+              "lskd: distill_terms: params describe ", T, " terms but got ", students.size(), " students, ",
+              teachers.size(), " teachers, ", m.size(), " spatial masks and ", k.size(), " channel masks");
+  return specs;
+}
+
+// The backend's forward op of one term: (dist [N], auxiliary tensor for the backward).
+std::tuple<at::Tensor, at::Tensor> term_forward(const TermSpec& t, const at::Tensor& student, const at::Tensor& teacher,
+                                                const OptTensor& m, const OptTensor& k) {
+  if (t.kind == 0) return pod_forward_op().call(student, teacher, m, k, t.scales, t.square);
+  return sop_forward_op().call(student, teacher, m, k, t.groups, t.window, t.stride, t.padding);
+}
+
+// Backend kernel of distill_terms (CPU and CUDA): each term's forward op, then its reduction.
+std::vector<at::Tensor> distill_terms_kernel(at::TensorList students, at::TensorList teachers, const OptTensorList& m,
+                                             const OptTensorList& k, at::IntArrayRef params, int64_t reduction) {
+  const auto specs = check_terms(students, teachers, m, k, params, reduction);
+  std::vector<at::Tensor> out;
+  out.reserve(specs.size());
+  for (size_t t = 0; t < specs.size(); ++t) {
+    auto fw = term_forward(specs[t], students[t], teachers[t], m.get(t), k.get(t));
+    out.push_back(reduce(std::get<0>(fw), reduction));
+  }
+  return out;
+}
+
+// Inputs: the T students (differentiable); teachers, masks, params and the
+// reduction are not variables. Saved: students, spatial masks, channel masks,
+// dists, auxiliary tensors (T each, in that order); saved_data: params, reduction.
+struct DistillTermsFunction : public torch::autograd::Function<DistillTermsFunction> {
+  static variable_list forward(AutogradContext* ctx, at::TensorList students, const std::vector<at::Tensor>& teachers,
+                               const OptTensorList& m, const OptTensorList& k, const std::vector<int64_t>& params,
+                               int64_t reduction) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const auto specs = parse_terms(params);
+    const size_t T = specs.size();
+    variable_list out, saved(5 * T);
+    out.reserve(T);
+    for (size_t t = 0; t < T; ++t) {
+      const OptTensor mt = no_grad_input(m.get(t)), kt = no_grad_input(k.get(t));
+      auto [dist, aux] = term_forward(specs[t], students[t], no_grad_input(teachers[t]), mt, kt);
+      saved[t] = students[t];
+      saved[T + t] = or_undefined(mt);
+      saved[2 * T + t] = or_undefined(kt);
+      saved[3 * T + t] = dist;
+      saved[4 * T + t] = aux;
+      out.push_back(reduce(dist, reduction));
+    }
+    ctx->save_for_backward(saved);
+    ctx->saved_data["params"] = params;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->set_materialize_grads(false);  // terms without a gradient stay undefined: no backward for them
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto specs = parse_terms(ctx->saved_data["params"].toIntVector());
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const size_t T = specs.size();
+    variable_list out(T + 5);  // students, then teachers, spatial, channel, params, reduction (no gradient)
+    const auto saved = ctx->get_saved_variables();
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below;  // as in pod_grad
+    if (!at::GradMode::is_enabled()) below.emplace();
+    for (size_t t = 0; t < T; ++t) {
+      if (!grads[t].defined() || !ctx->needs_input_grad(t)) continue;
+      const TermSpec& spec = specs[t];
+      const at::Tensor& student = saved[t];
+      const at::Tensor& dist = saved[3 * T + t];
+      const at::Tensor grad_dist = grad_of_dist(grads[t], reduction, dist.sym_size(0));
+      const OptTensor mt = as_optional(saved[T + t]), kt = as_optional(saved[2 * T + t]);
+      if (spec.kind == 0) {
+        out[t] = pod_backward_op().call(grad_dist, student, mt, kt, dist, saved[4 * T + t], spec.scales, spec.square);
+      } else {
+        out[t] = sop_backward_op().call(grad_dist, student, mt, kt, dist, saved[4 * T + t], spec.groups, spec.window,
+                                        spec.stride, spec.padding);
+      }
+    }
+    return out;
+  }
+};
+
+std::vector<at::Tensor> distill_terms_autograd(at::TensorList students, at::TensorList teachers,
+                                               const OptTensorList& m, const OptTensorList& k, at::IntArrayRef params,
+                                               int64_t reduction) {
+  check_terms(students, teachers, m, k, params, reduction);
+  bool graph = false;
+  for (const auto& s : students) graph = graph || needs_graph(s);
+  if (!graph) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return distill_terms_op().call(students, teachers, m, k, params, reduction);
+  }
+  return DistillTermsFunction::apply(students, teachers.vec(), m, k, params.vec(), reduction);
+}
+
 }  // namespace
 }  // namespace lskd
 
@@ -303,6 +456,7 @@ TORCH_LIBRARY_IMPL(lskd, Autograd, m) {
   m.impl("sop_forward", &lskd::sop_forward_autograd);
   m.impl("pod_distill", &lskd::pod_distill_autograd);
   m.impl("sop_distill", &lskd::sop_distill_autograd);
+  m.impl("distill_terms", &lskd::distill_terms_autograd);
 }
 
 // The fused loss ops run the backend's *_forward op and reduce; the same code
@@ -310,10 +464,12 @@ TORCH_LIBRARY_IMPL(lskd, Autograd, m) {
 TORCH_LIBRARY_IMPL(lskd, CPU, m) {
   m.impl("pod_distill", &lskd::pod_distill_kernel);
   m.impl("sop_distill", &lskd::sop_distill_kernel);
+  m.impl("distill_terms", &lskd::distill_terms_kernel);
 }
 #ifdef LSKD_WITH_CUDA
 TORCH_LIBRARY_IMPL(lskd, CUDA, m) {
   m.impl("pod_distill", &lskd::pod_distill_kernel);
   m.impl("sop_distill", &lskd::sop_distill_kernel);
+  m.impl("distill_terms", &lskd::distill_terms_kernel);
 }
 #endif

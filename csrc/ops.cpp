@@ -58,6 +58,19 @@
 //   at::Reduction. Kernels: csrc/autograd.cpp (one for CPU and CUDA, calling
 //   the backend's *_forward; the backward calls *_backward).
 //
+// distill_terms  (several loss terms in one op and one autograd node)
+//   Term t is pod_distill (kind 0) or sop_distill (kind 1) of (student[t],
+//   teacher[t], spatial_mask[t], channel_mask[t]) with the batch reduction
+//   `reduction` (1 = mean, 2 = sum); the output is the list of the T reduced
+//   distances (0-dim each). The same student may appear in several terms (its
+//   gradients add up). params holds the terms' parameters one after the other:
+//     pod: 0, square, S, scale_1 .. scale_S
+//     sop: 1, groups, wh, ww, sh, sw, ph, pw
+//   The backward of term t runs only when its output gets a gradient, so
+//   torch.autograd.grad of one term costs one term's backward.
+//   Kernel: csrc/autograd.cpp (one for CPU and CUDA, calling the backend's
+//   *_forward ops; the backward calls *_backward).
+//
 // md_stats  (SPEC 2.3, the fused statistics of the MD masks)
 //   feat (A), feat_bg_erased (Cb), feat_new_erased (Dn): [N, C, H, W] (no masks).
 //   cos_bg[n, h, w]  = <A, Cb> / (max(|A|, eps) * max(|Cb|, eps))   (over channels)
@@ -94,6 +107,8 @@ TORCH_LIBRARY(lskd, m) {
         "int[] scales, bool square, int reduction) -> Tensor");
   m.def("sop_distill(Tensor student, Tensor teacher, Tensor? spatial_mask, Tensor? channel_mask, "
         "int groups, int[] window, int[] stride, int[] padding, int reduction) -> Tensor");
+  m.def("distill_terms(Tensor[] student, Tensor[] teacher, Tensor?[] spatial_mask, Tensor?[] channel_mask, "
+        "int[] params, int reduction) -> Tensor[]");
   m.def("md_stats(Tensor feat, Tensor feat_bg_erased, Tensor feat_new_erased, float eps) "
         "-> (Tensor cos_bg, Tensor cos_new, Tensor gap_bg, Tensor gap_new)");
   m.def("md_masks(Tensor feat, Tensor feat_bg_erased, Tensor feat_new_erased, Tensor labels, int old_classes, "

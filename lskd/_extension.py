@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["load_error", "has_cpu_kernels", "has_cuda_kernels", "has_cpp_autograd", "has_cpp_md_masks"]
+__all__ = ["load_error", "has_cpu_kernels", "has_cuda_kernels", "has_cpp_autograd", "has_cpp_distill_terms", "has_cpp_md_masks"]
 
 _ERROR: Optional[str] = None
 _LOADED = False
@@ -68,6 +68,7 @@ _HAS_CPP_AUTOGRAD = all(
     _has_kernel(f"lskd::{op}", "Autograd") for op in ("pod_forward", "sop_forward", "pod_distill", "sop_distill")
 )
 _HAS_CPP_MD_MASKS = _has_kernel("lskd::md_masks", "CPU")
+_HAS_CPP_DISTILL_TERMS = _has_kernel("lskd::distill_terms", "Autograd")
 
 
 def has_cpu_kernels() -> bool:
@@ -84,6 +85,11 @@ def has_cpp_autograd() -> bool:
     """True when lskd._C has the C++ autograd kernels and the fused loss ops
     (lskd::pod_distill, lskd::sop_distill; csrc/autograd.cpp)."""
     return _HAS_CPP_AUTOGRAD
+
+
+def has_cpp_distill_terms() -> bool:
+    """True when lskd._C has the several-terms op lskd::distill_terms (csrc/autograd.cpp)."""
+    return _HAS_CPP_DISTILL_TERMS
 
 
 def has_cpp_md_masks() -> bool:

@@ -279,7 +279,7 @@ class LSKD(Method):
         return spatial, channel
 
     # -- terms ---------------------------------------------------------------------------
-    def distill_map(
+    def map_terms(
         self,
         map_index: int,
         scheme: str,
@@ -287,39 +287,37 @@ class LSKD(Method):
         teacher_map: torch.Tensor,
         spatial: Optional[torch.Tensor] = None,
         channel: Optional[torch.Tensor] = None,
-    ) -> Dict[str, torch.Tensor]:
-        """The terms of one map under one scheme (student logits map already collapsed to O
-        channels). ``spatial [N, 1, h, w]`` / ``channel [N, C]`` are required for md schemes.
-        :data:`SEARCH` returns every candidate's basic term: ``pod{l}``, ``md{l}`` and the MCD term."""
+    ) -> List[Tuple[str, float, ops.Term]]:
+        """The terms of one map under one scheme, as ``(name, base factor, PodTerm/SopTerm)``
+        (student logits map already collapsed to O channels). ``spatial [N, 1, h, w]`` /
+        ``channel [N, C]`` are required for md schemes. :data:`SEARCH` gives every candidate's
+        basic term: ``pod{l}``, ``md{l}`` and the MCD term."""
         if scheme == "none":
-            return {}
+            return []
         factor = self.map_factors[map_index]
         scales = pod_scales(student_map, self.scales)
         if scheme == SEARCH:
-            out = self.distill_map(map_index, "pod", student_map, teacher_map)
-            out.update(self.distill_map(map_index, "md+mcd", student_map, teacher_map, spatial, channel))
-            return out
+            return self.map_terms(map_index, "pod", student_map, teacher_map) + self.map_terms(
+                map_index, "md+mcd", student_map, teacher_map, spatial, channel
+            )
         if scheme == "pod":
-            return {f"pod{map_index}": factor * ops.pod_distill(student_map, teacher_map, scales=scales, backend=self.backend)}
+            return [(f"pod{map_index}", factor, ops.PodTerm(student_map, teacher_map, scales=scales))]
         if spatial is None:
             raise ValueError(f"lskd: scheme {scheme!r} on map {map_index} needs the MD masks")
-        out = {
-            f"md{map_index}": factor
-            * ops.pod_distill(student_map, teacher_map, spatial, channel, scales=scales, backend=self.backend)
-        }
+        out = [(f"md{map_index}", factor, ops.PodTerm(student_map, teacher_map, spatial, channel, scales=scales))]
         if scheme == "md+mcd":
             groups = min(self.mcd_groups, student_map.shape[1])
-            out[self.mcd_name(map_index)] = self.mcd_factor * ops.sop_distill(
-                student_map,
-                teacher_map,
-                spatial,
-                channel,
-                groups=groups,
-                window=self.mcd_window,
-                stride=self.mcd_stride,
-                backend=self.backend,
+            sop = ops.SopTerm(
+                student_map, teacher_map, spatial, channel, groups=groups, window=self.mcd_window, stride=self.mcd_stride
             )
+            out.append((self.mcd_name(map_index), self.mcd_factor, sop))
         return out
+
+    def compute_terms(self, specs: Sequence[Tuple[str, float, ops.Term]]) -> Dict[str, torch.Tensor]:
+        """``{name: factor * distance}`` of all the terms in ONE fused call (:func:`lskd.distill_terms`:
+        one op and one autograd node; the gradient of one term runs only its own backward)."""
+        values = ops.distill_terms([term for _, _, term in specs], backend=self.backend)
+        return {name: factor * v for (name, factor, _), v in zip(specs, values)}
 
     def incremental_terms(
         self,
@@ -332,7 +330,7 @@ class LSKD(Method):
         o = ctx.old_classes
         size = labels.shape[-2:]
         erased = self._erased(images, labels, ctx) if self.masked_maps() else None
-        per_map: Dict[str, torch.Tensor] = {}
+        specs: List[Tuple[str, float, ops.Term]] = []
         for m in self._maps():
             scheme = self.schemes[m]
             s_map, t_map = student_out.maps[m], teacher_out.maps[m]
@@ -347,7 +345,8 @@ class LSKD(Method):
                     spatial, channel = self.masks(m, teacher_out, erased, labels, o)
                     if ctx.cache is not None:
                         ctx.cache[key] = (spatial, channel)
-            per_map.update(self.distill_map(m, scheme, s_map, t_map, spatial, channel))
+            specs += self.map_terms(m, scheme, s_map, t_map, spatial, channel)
+        per_map = self.compute_terms(specs)
         cls = self.classification_terms(labels, student_out, teacher_out, ctx)
         out: Dict[str, torch.Tensor] = {"ce": cls["ce"]}
         out.update({k: v for k, v in per_map.items() if k.startswith("mcd")})

@@ -254,10 +254,13 @@ class PLOP(Method):
         if self.average_over_maps:
             scale /= len(self.pod_factors)
         last = len(student_out.maps) - 1
-        for i, factor in enumerate(self.pod_factors):
+        terms = []
+        for i in range(len(self.pod_factors)):
             s_map, t_map = student_out.maps[i], teacher_out.maps[i]
             if i == last:
                 s_map = collapse_new_into_background(s_map, o)
-            d = ops.pod_distill(s_map, t_map, scales=pod_scales(s_map, self.scales), backend=self.backend)
+            terms.append(ops.PodTerm(s_map, t_map, scales=pod_scales(s_map, self.scales)))
+        # All maps in one fused call (one op, one autograd node).
+        for i, (factor, d) in enumerate(zip(self.pod_factors, ops.distill_terms(terms, backend=self.backend))):
             out[f"pod{i}"] = factor * scale * d
         return out

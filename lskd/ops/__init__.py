@@ -1,9 +1,11 @@
 """Functional API: the fused LSKD distillation operators.
 
-``pod_distill`` (Local POD / MD), ``sop_distill`` (MCD) and ``md_masks``,
+``pod_distill`` (Local POD / MD), ``sop_distill`` (MCD), ``distill_terms``
+(several of those terms in one fused call) and ``md_masks``,
 each with ``backend="auto" | "reference" | "cpu" | "cuda" | "triton"``.
 """
 from ._backends import BACKENDS, available_backends
+from .distill_terms import PodTerm, SopTerm, Term, distill_terms
 from .md_masks import batched_quantile, md_masks, md_statistics
 from .pod_distill import pod_distill
 from .sop_distill import sop_distill
@@ -13,6 +15,10 @@ __all__ = [
     "available_backends",
     "pod_distill",
     "sop_distill",
+    "distill_terms",
+    "PodTerm",
+    "SopTerm",
+    "Term",
     "md_masks",
     "md_statistics",
     "batched_quantile",
