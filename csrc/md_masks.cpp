@@ -1,4 +1,6 @@
-// lskd::md_masks: the MD masks in one op (SPEC 2.3), for the "cpu" and "cuda" backends.
+// lskd::md_masks: the MD masks in one op (SPEC 2.3): the CPU implementation,
+// and the spec of the exact arithmetic of the CUDA kernel (csrc/cuda/md_masks.cu,
+// registered for CUDA there: selection instead of sorts, 2 launches).
 //
 // The statistics come from the backend's lskd::md_stats kernel; the per-image
 // quantiles and the comparisons are the same ATen calls, in the same order and
@@ -74,6 +76,3 @@ std::tuple<at::Tensor, at::Tensor> md_masks_kernel(const at::Tensor& feat, const
 }  // namespace lskd
 
 TORCH_LIBRARY_IMPL(lskd, CPU, m) { m.impl("md_masks", &lskd::md_masks_kernel); }
-#ifdef LSKD_WITH_CUDA
-TORCH_LIBRARY_IMPL(lskd, CUDA, m) { m.impl("md_masks", &lskd::md_masks_kernel); }
-#endif

@@ -164,3 +164,164 @@ def test_compile_cuda(gpu_compiled_backend):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=0)
     torch.testing.assert_close(results[1][1].float(), results[0][1].float(), rtol=1e-2, atol=1e-2 * results[0][1].abs().max().item())
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------
+# lskd::md_masks on CUDA (csrc/cuda/md_masks.cu: radix select instead of sorts) against the
+# composite arithmetic (csrc/md_masks.cpp, lskd.ops.md_masks.batched_quantile) evaluated on the
+# CPU from the SAME statistics (md_stats is deterministic; CPU and CUDA statistics may differ by
+# an ulp, the quantiles on them may not).
+
+_MD_SHAPES = [
+    ((2, 256, 128, 128), F32),  # H*W = 16384: 64 KiB of keys in shared memory
+    ((2, 256, 128, 128), torch.float64),  # 128 KiB of keys
+    ((2, 2048, 32, 32), BF16),
+    ((2, 16, 32, 32), F32),
+    ((3, 5, 7, 9), F32),
+    ((3, 5, 7, 9), torch.float64),
+    ((2, 1, 8, 8), BF16),  # C = 1
+    ((2, 2, 1, 1), F32),  # L = 1
+    ((1, 3, 256, 256), F32),  # 256 KiB of float32 keys: read from global memory
+    ((1, 2, 192, 160), torch.float64),  # 240 KiB of float64 keys: read from global memory
+]
+_MD_LABELS = [(torch.uint8, "mixed"), (torch.int64, "per_image"), (torch.int32, "ignore"), (torch.uint8, "extremes")]
+
+
+def _md_labels(n, hl, wl, dtype, scenario, g):
+    """Labels [n, hl, wl] in dtype; old classes O = 4; per-image kinds include no old / no new pixels."""
+    kinds = {"mixed": ["mixed"], "ignore": ["ignore"], "per_image": ["no_old", "no_new", "ignore", "all_ignore"],
+             "extremes": ["all_old", "all_new"]}[scenario]
+    out = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        y = torch.randint(0, 7, (hl, wl), generator=g)
+        if kind in ("ignore", "no_old", "no_new"):
+            y[torch.rand(hl, wl, generator=g) < 0.3] = 255
+        if kind == "no_old":
+            y[y < 4] = 5
+        elif kind == "no_new":
+            y[(y >= 4) & (y != 255)] = 1
+        elif kind == "all_ignore":
+            y.fill_(255)
+        elif kind == "all_old":
+            y = torch.randint(0, 4, (hl, wl), generator=g)
+        elif kind == "all_new":
+            y = torch.randint(4, 7, (hl, wl), generator=g)
+        out.append(y)
+    return torch.stack(out).to(dtype)
+
+
+def _composite_quantile(values, q, float64_ranks):
+    """lskd.ops.md_masks.batched_quantile with an explicit float64_ranks (CPU)."""
+    ordered = values.sort(dim=1).values
+    rank_dtype = torch.float64 if float64_ranks else values.dtype
+    q = q.to(values.dtype)
+    ranks = q.to(rank_dtype) * (values.shape[1] - 1)
+    below = ranks.floor()
+    weight = (ranks - below).to(values.dtype).unsqueeze(1)
+    out = torch.lerp(ordered.gather(1, below.long().unsqueeze(1)), ordered.gather(1, ranks.ceil().long().unsqueeze(1)),
+                     weight).squeeze(1)
+    return out.masked_fill(ordered[:, -1].isnan(), float("nan"))
+
+
+def _composite_masks(stats, labels, old, ignore, float64_ranks):
+    """The code of lskd.ops.md_masks.md_masks / csrc/md_masks.cpp, on CPU copies of the statistics."""
+    cos_bg, cos_new, gap_bg, gap_new = (s.cpu() for s in stats)
+    labels = labels.cpu()
+    n, h, w = cos_bg.shape
+    is_old = labels < old
+    is_new = ~is_old & (labels != ignore)
+    q = torch.cat([is_old, is_new]).sum(dim=(1, 2)) / labels[0].numel()
+    cos = torch.cat([cos_bg.reshape(n, -1), cos_new.reshape(n, -1)])
+    gap = torch.cat([gap_bg, gap_new])
+    q_cos = _composite_quantile(cos, q, float64_ranks)[:, None]
+    q_gap = _composite_quantile(gap, q, float64_ranks)[:, None]
+    spatial = (cos[:n] >= q_cos[:n]) | (cos[n:] <= q_cos[n:])
+    channel = (gap[:n] >= q_gap[:n]) | (gap[n:] <= q_gap[n:])
+    return spatial.reshape(n, 1, h, w), channel
+
+
+def _check_md_masks_cuda(a, cb, dn, labels, old=4, ignore=255):
+    stats = md_statistics(a, cb, dn, backend="cuda")
+    n, c, h, w = a.shape
+    for float64_ranks in (False, True):
+        sm, cm = torch.ops.lskd.md_masks(a, cb, dn, labels, old, ignore, 1e-8, float64_ranks)
+        esm, ecm = _composite_masks(stats, labels, old, ignore, float64_ranks)
+        assert sm.dtype == torch.bool and cm.dtype == torch.bool and sm.device == a.device
+        assert sm.shape == (n, 1, h, w) and cm.shape == (n, c)
+        assert torch.equal(sm.cpu(), esm), f"spatial masks differ at {(sm.cpu() != esm).nonzero()[:5].tolist()}"
+        assert torch.equal(cm.cpu(), ecm), f"channel masks differ at {(cm.cpu() != ecm).nonzero()[:5].tolist()}"
+    # The public entry point (float64_ranks probed from the installed torch) gives the same masks.
+    sm, cm = lskd.md_masks(a, cb, dn, labels, old, ignore_index=ignore, backend="cuda")
+    esm, ecm = _composite_masks(stats, labels, old, ignore, _float64_ranks())
+    assert torch.equal(sm.cpu(), esm) and torch.equal(cm.cpu(), ecm)
+    return sm, cm
+
+
+def _float64_ranks():
+    import importlib
+
+    return importlib.import_module("lskd.ops.md_masks")._FLOAT64_RANKS
+
+
+def _need_cuda_backend(gpu_backends):
+    if "cuda" not in gpu_backends:
+        pytest.skip("lskd._C has no CUDA kernels")
+
+
+@pytest.mark.parametrize("shape,dtype", _MD_SHAPES, ids=[f"{list(s)}-{str(d)[6:]}" for s, d in _MD_SHAPES])
+@pytest.mark.parametrize("label_dtype,scenario", _MD_LABELS, ids=[f"{str(d)[6:]}-{s}" for d, s in _MD_LABELS])
+def test_md_masks_cuda_matches_composite(gpu_backends, shape, dtype, label_dtype, scenario, seed):
+    _need_cuda_backend(gpu_backends)
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    a, cb, dn = stat_inputs(shape, dtype, "contiguous", DEV)
+    # Label resolutions: 4x the map (powers of two for the LSKD maps) and odd ones (q not dyadic).
+    hl, wl = (4 * h, 4 * w) if scenario in ("mixed", "extremes") else (3 * h + 1, w + 2)
+    labels = _md_labels(n, hl, wl, label_dtype, scenario, g).to(DEV)
+    _check_md_masks_cuda(a, cb, dn, labels)
+
+
+@pytest.mark.parametrize("dtype", (F32, BF16, torch.float64), ids=str)
+def test_md_masks_cuda_ties_and_nan(gpu_backends, dtype, seed):
+    _need_cuda_backend(gpu_backends)
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = 3, 8, 24, 20
+    # Every pixel takes one of 3 prototype vectors: the cosine maps hold a few values, exactly tied
+    # (md_stats sums every position in the same order), and so do the gaps of equal channels.
+    protos = torch.randint(-3, 4, (3, c), generator=g).double()
+    protos[:, 4:] = protos[:, :1]  # channels 4.. equal channel 0: tied gaps
+    idx = torch.randint(0, 3, (n, h, w), generator=g)
+    a = protos[idx].permute(0, 3, 1, 2).contiguous()
+    cb = protos[(idx + 1) % 3].permute(0, 3, 1, 2).contiguous()
+    dn = protos[torch.randint(0, 3, (n, h, w), generator=g)].permute(0, 3, 1, 2).contiguous()
+    a, cb, dn = (x.to(dtype).to(DEV) for x in (a, cb, dn))
+    labels = _md_labels(n, 2 * h, 2 * w, torch.int64, "mixed", g).to(DEV)
+    _check_md_masks_cuda(a, cb, dn, labels)
+    # Exactly tied statistics throughout: the quantiles fall on tied values.
+    const = protos[0].view(1, c, 1, 1).expand(n, c, h, w).contiguous().to(dtype).to(DEV)
+    _check_md_masks_cuda(const, const.clone(), const * 2, labels)
+    # NaN: in feat_bg_erased of image 0 (cos_bg[0] and gap_bg[0] hold a NaN: only the "new" side counts),
+    # in feat of image 1 (every row of image 1 holds a NaN: masks all false).
+    cb2, a2 = cb.clone(), a.clone()
+    cb2[0, 2, 5, 7] = float("nan")
+    a2[1, 3, 1, 1] = float("nan")
+    sm, cm = _check_md_masks_cuda(a2, cb2, dn, labels)
+    assert not sm[1].any() and not cm[1].any()
+
+
+@pytest.mark.parametrize("shape,dtype", [((2, 256, 128, 128), F32), ((2, 2048, 32, 32), BF16), ((3, 5, 7, 9), torch.float64)],
+                         ids=str)
+def test_md_masks_cuda_deterministic(gpu_backends, shape, dtype, seed):
+    _need_cuda_backend(gpu_backends)
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    a, cb, dn = stat_inputs(shape, dtype, "contiguous", DEV)
+    labels = _md_labels(n, 4 * h, 4 * w, torch.uint8, "mixed", g).to(DEV)
+    first = lskd.md_masks(a, cb, dn, labels, 4, backend="cuda")
+    second = lskd.md_masks(a, cb, dn, labels, 4, backend="cuda")
+    assert all(torch.equal(x, y) for x, y in zip(first, second))
+    # Empty maps: no launch over the empty rows, empty masks.
+    e = torch.empty(2, 3, 0, 5, dtype=dtype, device=DEV)
+    sm, cm = torch.ops.lskd.md_masks(e, e, e, labels[:2], 4, 255, 1e-8, False)
+    assert sm.shape == (2, 1, 0, 5) and cm.shape == (2, 3)

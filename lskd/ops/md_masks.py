@@ -7,9 +7,10 @@ lskd.reference.md_statistics, CPU kernel csrc/cpu/md_stats.cpp, CUDA kernel
 csrc/cuda/md_stats.cu, Triton kernel kernels/md_stats.py. The per-image
 quantiles are then taken in batch, in PyTorch, without host synchronisation.
 For the "cpu" and "cuda" backends the statistics and the quantiles run in one
-C++ op, lskd::md_masks (csrc/md_masks.cpp: the same ATen calls as the Python
-code below, so the same masks bit for bit, for one Python call instead of
-about thirty).
+C++ op, lskd::md_masks, for one Python call instead of about thirty: on the CPU
+csrc/md_masks.cpp (the same ATen calls as the Python code below), on CUDA
+csrc/cuda/md_masks.cu (radix select instead of sorts, 2 launches, the same
+arithmetic); the same masks bit for bit from the same statistics.
 """
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ def _register(ns: str) -> None:
 if _extension.has_cpu_kernels():
     _register("lskd")
 on_triton_load(lambda: _register("lskd_triton"))
-# lskd::md_masks (csrc/md_masks.cpp): md_stats and the code of md_masks below in one
-# C++ op, bitwise the same masks; used by the "cpu" and "cuda" backends.
+# lskd::md_masks (csrc/md_masks.cpp, csrc/cuda/md_masks.cu): md_stats and the code of
+# md_masks below in one op, bitwise the same masks; used by the "cpu" and "cuda" backends.
 _ONE_OP = _extension.has_cpp_md_masks()
 
 
