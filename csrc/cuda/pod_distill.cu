@@ -20,11 +20,17 @@
 //      Each thread squares the emb values it writes; a block reduction gives
 //      plane_sq[n, c]. Global traffic: a and b read once (vectorised and
 //      coalesced for NCHW-contiguous inputs), emb written once.
+//      Small planes (one chunk, one vector per thread and unroll slot, e.g.
+//      the 32x32 maps) take pod_fwd_small_kernel instead: a grid of resident
+//      blocks, each walking several planes and loading the next plane's
+//      vectors while it reduces the current one (LSKD_POD_SMALL_KERNEL=0
+//      turns it off, for A/B measurements).
 //   2. sum_sqrt_kernel: dist[n] = sqrt(sum_c plane_sq[n, c]) in a fixed order.
 // pod_backward (1 launch)
 //   pod_bwd_kernel, one block per plane: from emb[n, c, :] it builds
 //   A[r][ca] = sum_s emb_w/kw and B[ra][q] = sum_s emb_h/kh in shared memory,
 //   then streams the plane: grad = (A[r][ca(q)] + B[ra(r)][q]) * coef * dz/da.
+//   Each thread's first vector of a is loaded before the tables are built.
 //   Global traffic: a read once, grad written once, emb read once.
 // Shapes whose atom tables or rows do not fit (more than 64 atoms, very wide
 // or very tall maps) take simple generic kernels (direct sums from global
@@ -32,6 +38,8 @@
 #include "device_utils.cuh"
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -114,6 +122,104 @@ bool build_pod_tables(int64_t H, int64_t W, const PodLayout& lay, PodTables& T) 
 }
 
 // ---------------------------------------------------------------------------
+// Forward: the phases shared by the two fast kernels.
+
+// Phases B and C of one chunk (zs holds z of the rows [r0, r0 + Rc)): the atom
+// sums (RA of the chunk's rows; CA accumulated over chunks), a barrier, then the
+// width-pool values of the chunk's rows written to pe; the squares of the values
+// this thread writes are added to sq.
+template <typename acc>
+__device__ __forceinline__ void pod_chunk_values(const PodTables& T, const acc* zs, int zpitch, acc* RA, int rapitch,
+                                                 acc* CA, int r0, int Rc, int& ra_first, acc* pe, int tid, int nt,
+                                                 acc& sq) {
+  const int W = T.W;
+  // ---- B: atom sums ----
+  while (T.rstart[ra_first + 1] <= r0) ++ra_first;
+  int ra_last = ra_first;
+  while (T.rstart[ra_last + 1] < r0 + Rc) ++ra_last;
+  const int nb1 = T.n_ca * Rc;
+  const int ntask = nb1 + (ra_last - ra_first + 1) * W;
+  for (int t = tid; t < ntask; t += nt) {
+    if (t < nb1) {
+      const int ca = t / Rc;
+      const int r = t - ca * Rc;
+      const acc* row = zs + r * zpitch;
+      acc s = acc(0);
+      const int q1 = T.cstart[ca + 1];
+      for (int q = T.cstart[ca]; q < q1; ++q) s += row[q];
+      RA[r * rapitch + ca] = s;
+    } else {
+      const int t2 = t - nb1;
+      const int dra = t2 / W;
+      const int q = t2 - dra * W;
+      const int ra = ra_first + dra;
+      const int lo = max(T.rstart[ra], r0) - r0;
+      const int hi = min(T.rstart[ra + 1], r0 + Rc) - r0;
+      acc s = acc(0);
+      for (int r = lo; r < hi; ++r) s += zs[r * zpitch + q];
+      CA[ra * W + q] += s;
+    }
+  }
+  __syncthreads();
+  // ---- C: width-pool values of the chunk's rows ----
+  const int nct = T.n_seg * Rc;
+  for (int t = tid; t < nct; t += nt) {
+    const int g = t / Rc;
+    const int r = t - g * Rc;
+    const int row = r0 + r;
+    if (row < T.ws_lim[g]) {
+      acc s = acc(0);
+      const int a1 = T.ws_a1[g];
+      for (int ca = T.ws_a0[g]; ca < a1; ++ca) s += RA[r * rapitch + ca];
+      const acc v = s / static_cast<acc>(T.ws_div[g]);
+      pe[T.ws_base[g] + row] = v;
+      sq += v * v;
+    }
+  }
+}
+
+// Phase D (height-pool values), after the last chunk and a barrier: the height-pool values from CA,
+// written to pe; the squares of the values this thread writes are added to sq.
+template <typename acc>
+__device__ __forceinline__ void pod_height_values(const PodTables& T, const acc* CA, acc* pe, int tid, int nt,
+                                                  acc& sq) {
+  const int W = T.W;
+  const int ndt = T.n_seg * W;
+  for (int t = tid; t < ndt; t += nt) {
+    const int g = t / W;
+    const int q = t - g * W;
+    if (q < T.hs_lim[g]) {
+      acc s = acc(0);
+      const int a1 = T.hs_a1[g];
+      for (int ra = T.hs_a0[g]; ra < a1; ++ra) s += CA[ra * W + q];
+      const acc v = s / static_cast<acc>(T.hs_div[g]);
+      pe[T.hs_base[g] + q] = v;
+      sq += v * v;
+    }
+  }
+}
+
+// z of element k of a loaded vector at (row, q + k) of a plane: masks applied to
+// both values, then the difference (square: (va - vb) * (va + vb)).
+template <typename acc>
+__device__ __forceinline__ acc pod_z(acc va, acc vb, const acc* pm, acc ncv, int W, int row, int qk, bool square) {
+  if (pm != nullptr) {
+    const acc m = pm[static_cast<int64_t>(row) * W + qk];
+    va *= m;
+    vb *= m;
+  }
+  va *= ncv;
+  vb *= ncv;
+  return square ? (va - vb) * (va + vb) : va - vb;
+}
+
+// Vectors per tensor in flight per thread in the load phase.
+template <int V>
+constexpr int pod_unroll() {
+  return V >= 8 ? 1 : 2;
+}
+
+// ---------------------------------------------------------------------------
 // Forward, fast path.
 //
 // V > 1: a and b NCHW-contiguous, 16-byte aligned, W % V == 0 (vector loads).
@@ -147,7 +253,7 @@ __global__ void __launch_bounds__(kThreads, 4)
 
   acc sq = acc(0);
   int ra_first = 0;
-  constexpr int U = V >= 8 ? 1 : 2;  // vectors per tensor in flight per thread in the load phase
+  constexpr int U = pod_unroll<V>();
   for (int r0 = 0; r0 < H; r0 += R) {
     const int Rc = min(R, H - r0);
     // ---- A: stage z of rows [r0, r0 + Rc) ----
@@ -180,83 +286,112 @@ __global__ void __launch_bounds__(kThreads, 4)
             const int row = r0 + rr[u];
 #pragma unroll
             for (int k = 0; k < V; ++k) {
-              acc va = to_acc(xa[u].v[k]), vb = to_acc(xb[u].v[k]);
-              if (pm != nullptr) {
-                const acc m = pm[static_cast<int64_t>(row) * W + qq[u] + k];
-                va *= m;
-                vb *= m;
-              }
-              va *= ncv;
-              vb *= ncv;
-              zs[rr[u] * zpitch + qq[u] + k] = square ? (va - vb) * (va + vb) : va - vb;
+              zs[rr[u] * zpitch + qq[u] + k] =
+                  pod_z(to_acc(xa[u].v[k]), to_acc(xb[u].v[k]), pm, ncv, W, row, qq[u] + k, square);
             }
           }
         }
       }
     }
     __syncthreads();
-    // ---- B: atom sums ----
-    while (T.rstart[ra_first + 1] <= r0) ++ra_first;
-    int ra_last = ra_first;
-    while (T.rstart[ra_last + 1] < r0 + Rc) ++ra_last;
-    const int nb1 = T.n_ca * Rc;
-    const int ntask = nb1 + (ra_last - ra_first + 1) * W;
-    for (int t = tid; t < ntask; t += nt) {
-      if (t < nb1) {
-        const int ca = t / Rc;
-        const int r = t - ca * Rc;
-        const acc* row = zs + r * zpitch;
-        acc s = acc(0);
-        const int q1 = T.cstart[ca + 1];
-        for (int q = T.cstart[ca]; q < q1; ++q) s += row[q];
-        RA[r * rapitch + ca] = s;
-      } else {
-        const int t2 = t - nb1;
-        const int dra = t2 / W;
-        const int q = t2 - dra * W;
-        const int ra = ra_first + dra;
-        const int lo = max(T.rstart[ra], r0) - r0;
-        const int hi = min(T.rstart[ra + 1], r0 + Rc) - r0;
-        acc s = acc(0);
-        for (int r = lo; r < hi; ++r) s += zs[r * zpitch + q];
-        CA[ra * W + q] += s;
-      }
-    }
-    __syncthreads();
-    // ---- C: width-pool values of the chunk's rows ----
-    const int nct = T.n_seg * Rc;
-    for (int t = tid; t < nct; t += nt) {
-      const int g = t / Rc;
-      const int r = t - g * Rc;
-      const int row = r0 + r;
-      if (row < T.ws_lim[g]) {
-        acc s = acc(0);
-        const int a1 = T.ws_a1[g];
-        for (int ca = T.ws_a0[g]; ca < a1; ++ca) s += RA[r * rapitch + ca];
-        const acc v = s / static_cast<acc>(T.ws_div[g]);
-        pe[T.ws_base[g] + row] = v;
-        sq += v * v;
-      }
-    }
+    pod_chunk_values(T, zs, zpitch, RA, rapitch, CA, r0, Rc, ra_first, pe, tid, nt, sq);
     // The next chunk writes zs (read in B only) and RA after its first barrier.
   }
   __syncthreads();
-  // ---- D: height-pool values ----
-  const int ndt = T.n_seg * W;
-  for (int t = tid; t < ndt; t += nt) {
-    const int g = t / W;
-    const int q = t - g * W;
-    if (q < T.hs_lim[g]) {
-      acc s = acc(0);
-      const int a1 = T.hs_a1[g];
-      for (int ra = T.hs_a0[g]; ra < a1; ++ra) s += CA[ra * W + q];
-      const acc v = s / static_cast<acc>(T.hs_div[g]);
-      pe[T.hs_base[g] + q] = v;
-      sq += v * v;
-    }
-  }
+  pod_height_values(T, CA, pe, tid, nt, sq);
   sq = block_sum(sq);
   if (tid == 0) plane_sq[plane] = sq;
+}
+
+// Forward, small planes (H * W <= U * blockDim.x * V: one chunk, one vector per
+// tensor and unroll slot per thread). A block walks the planes blockIdx.x,
+// blockIdx.x + gridDim.x, ... (grid: as many blocks as fit on the device) and
+// loads the NEXT plane's vectors into registers right after staging the current
+// plane's z, so that the loads are in flight during the current plane's atom
+// sums, pooled values and reduction (one-block-per-plane launches of such
+// planes are latency-bound: a 32x32 plane is one 16-byte vector per thread).
+// Same arithmetic, in the same order, as pod_fwd_kernel.
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kThreads, 4)
+    pod_fwd_small_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, Strides4 sa, Strides4 sb,
+                         const acc_t<scalar_t>* __restrict__ smask, const acc_t<scalar_t>* __restrict__ cmask, int C,
+                         int64_t NC, bool square, PodTables T, int zpitch, int rapitch,
+                         acc_t<scalar_t>* __restrict__ emb, int64_t L, acc_t<scalar_t>* __restrict__ plane_sq) {
+  using acc = acc_t<scalar_t>;
+  constexpr int U = pod_unroll<V>();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int H = T.H, W = T.W;
+  acc* zs = reinterpret_cast<acc*>(smem_raw);
+  acc* RA = zs + H * zpitch;
+  acc* CA = RA + H * rapitch;
+  const int tid = threadIdx.x;
+  const int nt = blockDim.x;
+  const int nel = H * W;
+
+  int rr[U], qq[U];
+  bool ok[U];
+  {
+    PlaneWalker wk;
+    wk.init(tid * V, nt * V, W);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      rr[u] = wk.r;
+      qq[u] = wk.q;
+      ok[u] = tid * V + u * nt * V < nel;
+      wk.advance();
+    }
+  }
+  Pack<scalar_t, V> xa[U], xb[U];
+  auto load = [&](int64_t plane) {
+    const int64_t n = plane / C;
+    const int64_t c = plane - n * C;
+    const scalar_t* pa = a + n * sa.n + c * sa.c;
+    const scalar_t* pb = b + n * sb.n + c * sb.c;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (ok[u]) {
+        if constexpr (V > 1) {
+          xa[u] = *reinterpret_cast<const Pack<scalar_t, V>*>(pa + static_cast<int64_t>(rr[u]) * W + qq[u]);
+          xb[u] = *reinterpret_cast<const Pack<scalar_t, V>*>(pb + static_cast<int64_t>(rr[u]) * W + qq[u]);
+        } else {
+          xa[u].v[0] = pa[rr[u] * sa.h + qq[u] * sa.w];
+          xb[u].v[0] = pb[rr[u] * sb.h + qq[u] * sb.w];
+        }
+      }
+    }
+  };
+
+  int64_t plane = blockIdx.x;
+  if (plane < NC) load(plane);
+  for (; plane < NC; plane += gridDim.x) {
+    const int64_t n = plane / C;
+    const acc* pm = smask != nullptr ? smask + n * H * W : nullptr;
+    const acc ncv = cmask != nullptr ? cmask[plane] : acc(1);
+    acc* pe = emb + plane * L;
+    // The previous plane's last reads of CA, zs and RA are before the barriers of its block_sum.
+    for (int i = tid; i < T.n_ra * W; i += nt) CA[i] = acc(0);
+    // ---- A: z of the whole plane, from the registers ----
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (ok[u]) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          zs[rr[u] * zpitch + qq[u] + k] =
+              pod_z(to_acc(xa[u].v[k]), to_acc(xb[u].v[k]), pm, ncv, W, rr[u], qq[u] + k, square);
+        }
+      }
+    }
+    // ---- prefetch: the next plane's vectors, in flight during B, C, D ----
+    if (plane + gridDim.x < NC) load(plane + gridDim.x);
+    __syncthreads();
+    int ra_first = 0;
+    acc sq = acc(0);
+    pod_chunk_values(T, zs, zpitch, RA, rapitch, CA, 0, H, ra_first, pe, tid, nt, sq);
+    __syncthreads();
+    pod_height_values(T, CA, pe, tid, nt, sq);
+    sq = block_sum(sq);
+    if (tid == 0) plane_sq[plane] = sq;
+  }
 }
 
 // z at (row, col) of a plane, any strides.
@@ -350,6 +485,19 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x;
   const int nt = blockDim.x;  // 128 or 256 (a multiple of 32)
   const acc* pe = emb + plane * L;
+  const scalar_t* pa = a + n * sa.n + c * sa.c;
+  const int nel = H * W;
+  // The first vector of this thread is loaded before the tables are built (its
+  // latency overlaps theirs; small planes are one vector per thread).
+  acc x0[V];
+  if (tid * V < nel) {
+    if constexpr (V > 1) {
+      load_vec<scalar_t, V>(pa + tid * V, x0);
+    } else {
+      const int r = tid / W, q = tid - (tid / W) * W;
+      x0[0] = to_acc(pa[r * sa.h + q * sa.w]);
+    }
+  }
 
   for (int q = tid; q < W; q += nt) {
     int ca = 0;
@@ -391,17 +539,18 @@ __global__ void __launch_bounds__(kThreads)
   const acc ncv = cmask != nullptr ? cmask[plane] : acc(1);
   const acc scale = square ? coef * acc(2) * ncv * ncv : coef * ncv;
   const acc* pm = smask != nullptr ? smask + n * H * W : nullptr;
-  const scalar_t* pa = a + n * sa.n + c * sa.c;
   scalar_t* pg = grad + n * sg.n + c * sg.c;
   __syncthreads();
 
-  const int nel = H * W;
   PlaneWalker wk;
   wk.init(tid * V, nt * V, W);
   for (int e = tid * V; e < nel; e += nt * V, wk.advance()) {
     const int r = wk.r, q = wk.q;
     acc x[V];
-    if constexpr (V > 1) {
+    if (e == tid * V) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) x[k] = x0[k];
+    } else if constexpr (V > 1) {
       load_vec<scalar_t, V>(pa + e, x);
     } else {
       x[0] = to_acc(pa[r * sa.h + q * sa.w]);
@@ -470,6 +619,26 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------
 // Host side.
 
+// LSKD_POD_SMALL_KERNEL=0 turns the prefetching small-plane forward kernel off
+// (for A/B benchmarks; read once).
+bool small_kernel_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("LSKD_POD_SMALL_KERNEL");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+}
+
+// Blocks of `kernel` that are resident on the whole device at once (occupancy
+// API, no synchronisation), capped at `planes`; 0 when none fits.
+template <typename Kernel>
+int resident_grid(Kernel kernel, int threads, size_t smem, int64_t planes, int device) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  if (per_sm <= 0) return 0;
+  return static_cast<int>(std::min<int64_t>(planes, int64_t(per_sm) * num_sms(device)));
+}
+
 std::tuple<at::Tensor, at::Tensor> pod_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                     const c10::optional<at::Tensor>& spatial_mask,
                                                     const c10::optional<at::Tensor>& channel_mask,
@@ -509,11 +678,33 @@ std::tuple<at::Tensor, at::Tensor> pod_forward_cuda(const at::Tensor& student, c
       R = std::min<int64_t>(R, H);
     }
     if (N * C > 0) {
-      if (R >= 1) {
-        const size_t smem = static_cast<size_t>(R * (zpitch + rapitch) * sz + fixed);
-        const int threads = plane_threads(H * W);
-        const bool vec = student.is_contiguous() && teacher.is_contiguous() && W % VW == 0 &&
-                         aligned16(student.data_ptr()) && aligned16(teacher.data_ptr());
+      const int threads = plane_threads(H * W);
+      const bool vec = student.is_contiguous() && teacher.is_contiguous() && W % VW == 0 &&
+                       aligned16(student.data_ptr()) && aligned16(teacher.data_ptr());
+      const size_t smem = static_cast<size_t>(R * (zpitch + rapitch) * sz + fixed);
+      // Small planes: one chunk and one load per thread and unroll slot -> the prefetching kernel.
+      int grid_small = 0;
+      if (R >= H && small_kernel_enabled()) {
+        if (vec && H * W <= int64_t(pod_unroll<VW>()) * threads * VW) {
+          grid_small = resident_grid(pod_fwd_small_kernel<scalar_t, VW>, threads, smem, N * C, student.get_device());
+        } else if (!vec && H * W <= int64_t(pod_unroll<1>()) * threads) {
+          grid_small = resident_grid(pod_fwd_small_kernel<scalar_t, 1>, threads, smem, N * C, student.get_device());
+        }
+      }
+      if (grid_small > 0) {
+        if (vec) {
+          pod_fwd_small_kernel<scalar_t, VW><<<static_cast<unsigned>(grid_small), threads, smem, stream>>>(
+              student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), sa, sb, sm, cm, static_cast<int>(C), N * C,
+              square, T, static_cast<int>(zpitch), static_cast<int>(rapitch), emb.data_ptr<acc>(), lay.L,
+              plane_sq.data_ptr<acc>());
+        } else {
+          pod_fwd_small_kernel<scalar_t, 1><<<static_cast<unsigned>(grid_small), threads, smem, stream>>>(
+              student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), sa, sb, sm, cm, static_cast<int>(C), N * C,
+              square, T, static_cast<int>(zpitch), static_cast<int>(rapitch), emb.data_ptr<acc>(), lay.L,
+              plane_sq.data_ptr<acc>());
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else if (R >= 1) {
         if (vec) {
           pod_fwd_kernel<scalar_t, VW><<<static_cast<unsigned>(N * C), threads, smem, stream>>>(
               student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), sa, sb, sm, cm, static_cast<int>(C),
