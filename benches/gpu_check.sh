@@ -4,21 +4,21 @@
 # self-test and the GPU tests, run the GPU benchmarks, write everything into
 # $OUT (default benches/results/gpu-run) and print a short table last.
 #
-#   bash benches/gpu_check.sh            # all stages, about 8 minutes
-#   STAGES="build bench" bash benches/gpu_check.sh
+#   bash benches/gpu_check.sh            # build, tests, profile, benchmarks: about 8 minutes
+#   STAGES="build bench trainbench" bash benches/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benches/results/gpu-run}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"build tests bench trainbench"}
+STAGES=${STAGES:-"build tests profile bench"}
 TEST_TIMEOUT=${TEST_TIMEOUT:-240}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-330}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}
 # Wheels brought along for packages the GPU machine lacks (e.g. expecttest for opcheck).
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/lskd-site .whl/*.whl && export PYTHONPATH=/tmp/lskd-site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+export LSKD_BENCH_ROUNDS=${LSKD_BENCH_ROUNDS:-10} PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FORCE_CUDA=1
 status=0
 stage() { case " $STAGES " in *" $1 "*) return 0;; *) return 1;; esac; }
@@ -57,10 +57,20 @@ if stage tests; then
   grep -E "^(FAILED|ERROR)" "$OUT/gpu-tests.log" | head -30; tail -3 "$OUT/gpu-tests.log"; echo "gpu tests rc=$rc"
 fi
 
+if stage profile; then
+  # Wall time against kernel time (torch.profiler) of the whole loss (fused / per term) and of
+  # md_masks; again with the small-plane pod kernel off (A/B of csrc/cuda/pod_distill.cu).
+  log "profile: whole loss and md_masks, wall vs kernel time"
+  timeout 90 $PY benches/profile_loss.py --json "$OUT/profile.json" 2>&1 | grep -vE "^(USDT|ERROR|WARNING)" | tee "$OUT/profile.log" | grep "^##"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  LSKD_POD_SMALL_KERNEL=0 timeout 90 $PY benches/profile_loss.py --json "$OUT/profile-nosmall.json" 2>&1 \
+      | grep -vE "^(USDT|ERROR|WARNING)" > "$OUT/profile-nosmall.log"; grep "^## loss fused" "$OUT/profile-nosmall.log" | sed 's/^/[small kernel off] /'
+fi
+
 if stage bench; then
   # Two parts, each with its own JSON, so that a time-out loses at most one.
   part=0
-  for expr in "${BENCH_K1:-lskd_loss or pod_distill}" "${BENCH_K2:-md_masks or sop_distill}"; do
+  for expr in "${BENCH_K1:-lskd_loss}" "${BENCH_K2:-pod_distill or md_masks or sop_distill}"; do
     part=$((part + 1))
     log "GPU benchmarks, part $part: $expr"
     LSKD_BENCH_EXPECT=cuda,triton timeout $BENCH_TIMEOUT $PY -m pytest benches -q -p no:cacheprovider --benchmark-only -k "$expr" \
