@@ -417,7 +417,8 @@ struct DistillTermsFunction : public torch::autograd::Function<DistillTermsFunct
     const auto saved = ctx->get_saved_variables();
     std::optional<at::AutoDispatchBelowADInplaceOrView> below;  // as in pod_grad
     if (!at::GradMode::is_enabled()) below.emplace();
-    for (size_t t = 0; t < T; ++t) {
+    // Last term first, as the engine runs separate terms: its inputs are the most recently read.
+    for (size_t t = T; t-- > 0;) {
       if (!grads[t].defined() || !ctx->needs_input_grad(t)) continue;
       const TermSpec& spec = specs[t];
       const at::Tensor& student = saved[t];
