@@ -58,13 +58,10 @@ if stage tests; then
 fi
 
 if stage profile; then
-  # Wall time against kernel time (torch.profiler) of the whole loss (fused / per term) and of
-  # md_masks; again with the small-plane pod kernel off (A/B of csrc/cuda/pod_distill.cu).
+  # Wall time against kernel time (torch.profiler) of the whole loss (fused / per term) and of md_masks.
   log "profile: whole loss and md_masks, wall vs kernel time"
   timeout 90 $PY benches/profile_loss.py --json "$OUT/profile.json" 2>&1 | grep -vE "^(USDT|ERROR|WARNING)" | tee "$OUT/profile.log" | grep "^##"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  LSKD_POD_SMALL_KERNEL=0 timeout 90 $PY benches/profile_loss.py --json "$OUT/profile-nosmall.json" 2>&1 \
-      | grep -vE "^(USDT|ERROR|WARNING)" > "$OUT/profile-nosmall.log"; grep "^## loss fused" "$OUT/profile-nosmall.log" | sed 's/^/[small kernel off] /'
 fi
 
 if stage bench; then

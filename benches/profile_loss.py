@@ -6,7 +6,7 @@ distillation loss (forward + backward; fused = one lskd.distill_terms call,
 per-term = seven calls) and md_masks of the six maps under torch.profiler, and
 prints per workload: synchronised wall time per iteration, the sum of the device
 kernel times per iteration, their ratio (wall > kernels: the host is the
-bottleneck), and the kernels by total time.
+bottleneck), the kernels by total time and the host ops by self CPU time.
 
     python benches/profile_loss.py [--iters 20] [--json out.json] [--backend cuda]
 """
@@ -73,7 +73,10 @@ def _profile(fn, iters: int):
     kernel_us = sum(v[1] for v in kernels.values()) / iters
     launches = sum(v[0] for v in kernels.values()) / iters
     top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:12]
+    host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
     return {
+        "host_ops": [{"name": e.key[:70], "per_iter": e.count / iters, "self_cpu_us_per_iter": e.self_cpu_time_total / iters}
+                     for e in host],
         "wall_ms": wall * 1e3,
         "kernel_ms": kernel_us / 1e3,
         "launches_per_iter": launches,
@@ -98,6 +101,9 @@ def main() -> int:
                   f"{r['kernel_ms']:.3f} ms/iter ({r['launches_per_iter']:.0f} launches)")
             for k in r["top_kernels"]:
                 print(f"  {k['us_per_iter']:9.1f} us  x{k['per_iter']:4.0f}  {k['name']}")
+            print("  host (self CPU time, under the profiler):")
+            for k in r["host_ops"]:
+                print(f"  {k['self_cpu_us_per_iter']:9.1f} us  x{k['per_iter']:4.0f}  {k['name']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name() if wl.on_gpu() else "cpu", "results": results}, f, indent=1)

@@ -373,3 +373,24 @@ def test_training_reduces_loss(name):
         loss.backward()
         opt.step()
     assert losses[-1] < losses[0], losses
+
+
+def test_logits_map_dtypes_match_under_autocast_like_mixing():
+    """Under CUDA autocast the new-class sum of the collapse runs in float32 while the teacher's
+    logits are bfloat16/float16: the collapse keeps the logits' dtype and the teacher map is
+    brought to the student's, so the distillation ops get one dtype (found on an H100)."""
+    from lskd.methods.base import collapse_new_into_background, teacher_like
+
+    logits = torch.randn(2, 6, 4, 4, dtype=torch.bfloat16)
+    collapsed = collapse_new_into_background(logits, 4)
+    assert collapsed.dtype == torch.bfloat16 and collapsed.shape == (2, 4, 4, 4)
+    expected = torch.cat([logits[:, :1].float() + logits[:, 4:].float().sum(1, keepdim=True), logits[:, 1:4].float()], 1)
+    torch.testing.assert_close(collapsed.float(), expected, rtol=2e-2, atol=2e-2)  # bf16 roundings
+    student = torch.randn(2, 4, 4, 4)
+    teacher = torch.randn(2, 4, 4, 4, dtype=torch.float16)
+    assert teacher_like(teacher, student).dtype == torch.float32
+    assert teacher_like(student, student) is student
+    from lskd import pod_distill
+
+    d = pod_distill(student, teacher_like(teacher, student))
+    assert torch.isfinite(d)

@@ -20,11 +20,6 @@
 //      Each thread squares the emb values it writes; a block reduction gives
 //      plane_sq[n, c]. Global traffic: a and b read once (vectorised and
 //      coalesced for NCHW-contiguous inputs), emb written once.
-//      Small planes (one chunk, one vector per thread and unroll slot, e.g.
-//      the 32x32 maps) take pod_fwd_small_kernel instead: a grid of resident
-//      blocks, each walking several planes and loading the next plane's
-//      vectors while it reduces the current one (LSKD_POD_SMALL_KERNEL=0
-//      turns it off, for A/B measurements).
 //   2. sum_sqrt_kernel: dist[n] = sqrt(sum_c plane_sq[n, c]) in a fixed order.
 // pod_backward (1 launch)
 //   pod_bwd_kernel, one block per plane: from emb[n, c, :] it builds
@@ -38,8 +33,6 @@
 #include "device_utils.cuh"
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 #include <tuple>
 #include <vector>
 
@@ -122,7 +115,7 @@ bool build_pod_tables(int64_t H, int64_t W, const PodLayout& lay, PodTables& T) 
 }
 
 // ---------------------------------------------------------------------------
-// Forward: the phases shared by the two fast kernels.
+// Forward: phases B-D of the fast kernel.
 
 // Phases B and C of one chunk (zs holds z of the rows [r0, r0 + Rc)): the atom
 // sums (RA of the chunk's rows; CA accumulated over chunks), a barrier, then the
@@ -301,97 +294,6 @@ __global__ void __launch_bounds__(kThreads, 4)
   pod_height_values(T, CA, pe, tid, nt, sq);
   sq = block_sum(sq);
   if (tid == 0) plane_sq[plane] = sq;
-}
-
-// Forward, small planes (H * W <= U * blockDim.x * V: one chunk, one vector per
-// tensor and unroll slot per thread). A block walks the planes blockIdx.x,
-// blockIdx.x + gridDim.x, ... (grid: as many blocks as fit on the device) and
-// loads the NEXT plane's vectors into registers right after staging the current
-// plane's z, so that the loads are in flight during the current plane's atom
-// sums, pooled values and reduction (one-block-per-plane launches of such
-// planes are latency-bound: a 32x32 plane is one 16-byte vector per thread).
-// Same arithmetic, in the same order, as pod_fwd_kernel.
-template <typename scalar_t, int V>
-__global__ void __launch_bounds__(kThreads, 4)
-    pod_fwd_small_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, Strides4 sa, Strides4 sb,
-                         const acc_t<scalar_t>* __restrict__ smask, const acc_t<scalar_t>* __restrict__ cmask, int C,
-                         int64_t NC, bool square, PodTables T, int zpitch, int rapitch,
-                         acc_t<scalar_t>* __restrict__ emb, int64_t L, acc_t<scalar_t>* __restrict__ plane_sq) {
-  using acc = acc_t<scalar_t>;
-  constexpr int U = pod_unroll<V>();
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int H = T.H, W = T.W;
-  acc* zs = reinterpret_cast<acc*>(smem_raw);
-  acc* RA = zs + H * zpitch;
-  acc* CA = RA + H * rapitch;
-  const int tid = threadIdx.x;
-  const int nt = blockDim.x;
-  const int nel = H * W;
-
-  int rr[U], qq[U];
-  bool ok[U];
-  {
-    PlaneWalker wk;
-    wk.init(tid * V, nt * V, W);
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      rr[u] = wk.r;
-      qq[u] = wk.q;
-      ok[u] = tid * V + u * nt * V < nel;
-      wk.advance();
-    }
-  }
-  Pack<scalar_t, V> xa[U], xb[U];
-  auto load = [&](int64_t plane) {
-    const int64_t n = plane / C;
-    const int64_t c = plane - n * C;
-    const scalar_t* pa = a + n * sa.n + c * sa.c;
-    const scalar_t* pb = b + n * sb.n + c * sb.c;
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (ok[u]) {
-        if constexpr (V > 1) {
-          xa[u] = *reinterpret_cast<const Pack<scalar_t, V>*>(pa + static_cast<int64_t>(rr[u]) * W + qq[u]);
-          xb[u] = *reinterpret_cast<const Pack<scalar_t, V>*>(pb + static_cast<int64_t>(rr[u]) * W + qq[u]);
-        } else {
-          xa[u].v[0] = pa[rr[u] * sa.h + qq[u] * sa.w];
-          xb[u].v[0] = pb[rr[u] * sb.h + qq[u] * sb.w];
-        }
-      }
-    }
-  };
-
-  int64_t plane = blockIdx.x;
-  if (plane < NC) load(plane);
-  for (; plane < NC; plane += gridDim.x) {
-    const int64_t n = plane / C;
-    const acc* pm = smask != nullptr ? smask + n * H * W : nullptr;
-    const acc ncv = cmask != nullptr ? cmask[plane] : acc(1);
-    acc* pe = emb + plane * L;
-    // The previous plane's last reads of CA, zs and RA are before the barriers of its block_sum.
-    for (int i = tid; i < T.n_ra * W; i += nt) CA[i] = acc(0);
-    // ---- A: z of the whole plane, from the registers ----
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (ok[u]) {
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-          zs[rr[u] * zpitch + qq[u] + k] =
-              pod_z(to_acc(xa[u].v[k]), to_acc(xb[u].v[k]), pm, ncv, W, rr[u], qq[u] + k, square);
-        }
-      }
-    }
-    // ---- prefetch: the next plane's vectors, in flight during B, C, D ----
-    if (plane + gridDim.x < NC) load(plane + gridDim.x);
-    __syncthreads();
-    int ra_first = 0;
-    acc sq = acc(0);
-    pod_chunk_values(T, zs, zpitch, RA, rapitch, CA, 0, H, ra_first, pe, tid, nt, sq);
-    __syncthreads();
-    pod_height_values(T, CA, pe, tid, nt, sq);
-    sq = block_sum(sq);
-    if (tid == 0) plane_sq[plane] = sq;
-  }
 }
 
 // z at (row, col) of a plane, any strides.
@@ -619,26 +521,6 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------
 // Host side.
 
-// LSKD_POD_SMALL_KERNEL=0 turns the prefetching small-plane forward kernel off
-// (for A/B benchmarks; read once).
-bool small_kernel_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("LSKD_POD_SMALL_KERNEL");
-    return v == nullptr || std::string(v) != "0";
-  }();
-  return on;
-}
-
-// Blocks of `kernel` that are resident on the whole device at once (occupancy
-// API, no synchronisation), capped at `planes`; 0 when none fits.
-template <typename Kernel>
-int resident_grid(Kernel kernel, int threads, size_t smem, int64_t planes, int device) {
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-  if (per_sm <= 0) return 0;
-  return static_cast<int>(std::min<int64_t>(planes, int64_t(per_sm) * num_sms(device)));
-}
-
 std::tuple<at::Tensor, at::Tensor> pod_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                     const c10::optional<at::Tensor>& spatial_mask,
                                                     const c10::optional<at::Tensor>& channel_mask,
@@ -682,29 +564,7 @@ std::tuple<at::Tensor, at::Tensor> pod_forward_cuda(const at::Tensor& student, c
       const bool vec = student.is_contiguous() && teacher.is_contiguous() && W % VW == 0 &&
                        aligned16(student.data_ptr()) && aligned16(teacher.data_ptr());
       const size_t smem = static_cast<size_t>(R * (zpitch + rapitch) * sz + fixed);
-      // Small planes: one chunk and one load per thread and unroll slot -> the prefetching kernel.
-      int grid_small = 0;
-      if (R >= H && small_kernel_enabled()) {
-        if (vec && H * W <= int64_t(pod_unroll<VW>()) * threads * VW) {
-          grid_small = resident_grid(pod_fwd_small_kernel<scalar_t, VW>, threads, smem, N * C, student.get_device());
-        } else if (!vec && H * W <= int64_t(pod_unroll<1>()) * threads) {
-          grid_small = resident_grid(pod_fwd_small_kernel<scalar_t, 1>, threads, smem, N * C, student.get_device());
-        }
-      }
-      if (grid_small > 0) {
-        if (vec) {
-          pod_fwd_small_kernel<scalar_t, VW><<<static_cast<unsigned>(grid_small), threads, smem, stream>>>(
-              student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), sa, sb, sm, cm, static_cast<int>(C), N * C,
-              square, T, static_cast<int>(zpitch), static_cast<int>(rapitch), emb.data_ptr<acc>(), lay.L,
-              plane_sq.data_ptr<acc>());
-        } else {
-          pod_fwd_small_kernel<scalar_t, 1><<<static_cast<unsigned>(grid_small), threads, smem, stream>>>(
-              student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), sa, sb, sm, cm, static_cast<int>(C), N * C,
-              square, T, static_cast<int>(zpitch), static_cast<int>(rapitch), emb.data_ptr<acc>(), lay.L,
-              plane_sq.data_ptr<acc>());
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      } else if (R >= 1) {
+      if (R >= 1) {
         if (vec) {
           pod_fwd_kernel<scalar_t, VW><<<static_cast<unsigned>(N * C), threads, smem, stream>>>(
               student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), sa, sb, sm, cm, static_cast<int>(C),

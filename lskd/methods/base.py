@@ -39,6 +39,7 @@ __all__ = [
     "upsample_logits",
     "cross_entropy",
     "collapse_new_into_background",
+    "teacher_like",
     "pod_scales",
 ]
 
@@ -121,14 +122,21 @@ def cross_entropy(
 def collapse_new_into_background(logits: torch.Tensor, old_classes: int) -> torch.Tensor:
     """``[N, K, h, w] -> [N, O, h, w]``: channel 0 = background + sum of the new-class logits
     (channels >= O), channels 1..O-1 unchanged (SPEC 1: the student's logits map distilled
-    against the teacher's O channels, PLOP's ``extra_channels="sum"``)."""
+    against the teacher's O channels, PLOP's ``extra_channels="sum"``). The result keeps the
+    dtype of ``logits`` (under CUDA autocast the sum runs in float32)."""
     k = logits.shape[1]
     if k < old_classes:
         raise ValueError(f"logits have {k} channels, fewer than the {old_classes} old classes")
     if k == old_classes:
         return logits
     bg = logits[:, :1] + logits[:, old_classes:].sum(dim=1, keepdim=True)
-    return torch.cat([bg, logits[:, 1:old_classes]], dim=1)
+    return torch.cat([bg.to(logits.dtype), logits[:, 1:old_classes]], dim=1)
+
+
+def teacher_like(teacher_map: torch.Tensor, student_map: torch.Tensor) -> torch.Tensor:
+    """The teacher's map in the student map's dtype (the distillation ops take one dtype; under
+    autocast the two can differ)."""
+    return teacher_map if teacher_map.dtype == student_map.dtype else teacher_map.to(student_map.dtype)
 
 
 def pod_scales(feature: torch.Tensor, scales: Tuple[int, ...] = (1, 2, 4)) -> Tuple[int, ...]:

@@ -47,6 +47,7 @@ from .base import (
     Method,
     StepContext,
     collapse_new_into_background,
+    teacher_like,
     pod_scales,
     upsample_logits,
 )
@@ -336,6 +337,7 @@ class LSKD(Method):
             s_map, t_map = student_out.maps[m], teacher_out.maps[m]
             if m == LOGITS_MAP:
                 s_map = collapse_new_into_background(s_map, o)
+            t_map = teacher_like(t_map, s_map)
             spatial = channel = None
             if scheme in ("md", "md+mcd", SEARCH):
                 key = ("md_masks", m)

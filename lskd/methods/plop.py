@@ -46,6 +46,7 @@ from .base import (
     Method,
     StepContext,
     collapse_new_into_background,
+    teacher_like,
     cross_entropy,
     pod_scales,
     to_acc,
@@ -259,6 +260,7 @@ class PLOP(Method):
             s_map, t_map = student_out.maps[i], teacher_out.maps[i]
             if i == last:
                 s_map = collapse_new_into_background(s_map, o)
+            t_map = teacher_like(t_map, s_map)
             terms.append(ops.PodTerm(s_map, t_map, scales=pod_scales(s_map, self.scales)))
         # All maps in one fused call (one op, one autograd node).
         for i, (factor, d) in enumerate(zip(self.pod_factors, ops.distill_terms(terms, backend=self.backend))):
