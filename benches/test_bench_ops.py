@@ -34,6 +34,11 @@ if _missing:  # never drop a backend from the record silently
                        f"{lskd.available_backends(DEV)}")
 ROUNDS = int(os.environ.get("LSKD_BENCH_ROUNDS", "20" if wl.on_gpu() else "5"))
 _compiled = {}
+# Which benchmarks get a torch.compile column: "all" (default), "loss" (the whole loss only:
+# compiling the eager code takes minutes on a fresh machine) or "none".
+COMPILE = os.environ.get("LSKD_BENCH_COMPILE", "all")
+if COMPILE not in ("all", "loss", "none"):
+    raise RuntimeError(f"LSKD_BENCH_COMPILE must be all, loss or none, got {COMPILE!r}")
 
 
 def _shape_id(shape):
@@ -80,7 +85,8 @@ def _run(benchmark, device_info, op, backend, shapes, dtype, fn, inputs):
     )
 
 
-def _backends(with_compile: bool):
+def _backends(op: str):
+    with_compile = COMPILE == "all" or (COMPILE == "loss" and op == "lskd_loss")
     return ["eager"] + (["compile"] if with_compile else []) + KERNEL_BACKENDS
 
 
@@ -103,7 +109,7 @@ POD_COMPILE = {wl.lskd_maps()[0]} | ({wl.CPU_EXTRA[0]} if not wl.on_gpu() else s
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 @pytest.mark.parametrize("shape", POD_SHAPES, ids=_shape_id)
-@pytest.mark.parametrize("backend", _backends(True))
+@pytest.mark.parametrize("backend", _backends("pod_distill"))
 def test_pod_distill(benchmark, device_info, backend, shape, dtype):
     if backend == "compile" and shape not in POD_COMPILE:
         pytest.skip("torch.compile is benchmarked on the largest map only (compile time)")
@@ -127,7 +133,7 @@ SOP_SHAPES = [wl.lskd_maps()[4]] + ([] if wl.on_gpu() else wl.CPU_EXTRA)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 @pytest.mark.parametrize("shape", SOP_SHAPES, ids=_shape_id)
-@pytest.mark.parametrize("backend", _backends(True))
+@pytest.mark.parametrize("backend", _backends("sop_distill"))
 def test_sop_distill(benchmark, device_info, backend, shape, dtype):
     s, t, m, n = wl.make_maps([shape], dtype)
     a, b = s[0], t[0]
@@ -167,7 +173,7 @@ def test_md_masks(benchmark, device_info, backend, dtype):
 # ---------------------------------------------------------------- whole loss
 # "cpu"/"cuda": the seven terms in one lskd.distill_terms call; "<backend>-per-term":
 # seven pod_distill/sop_distill calls (Triton always runs its terms one by one).
-LOSS_BACKENDS = _backends(True) + [b + wl.PER_TERM for b in KERNEL_BACKENDS if b in ("cpu", "cuda")]
+LOSS_BACKENDS = _backends("lskd_loss") + [b + wl.PER_TERM for b in KERNEL_BACKENDS if b in ("cpu", "cuda")]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
