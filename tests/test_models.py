@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lskd.models import DeepLabV3, ResNet, build_resnet, convert_sync_batchnorm, load_pretrained
+from lskd.models import DeepLabV3, DistBatchNorm2d, ResNet, build_resnet, convert_sync_batchnorm, load_pretrained
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -124,10 +124,69 @@ def test_freeze_keeps_eval_and_no_grad():
     assert not new.weight.requires_grad and not new.bias.requires_grad
 
 
-def test_convert_sync_batchnorm():
-    model = convert_sync_batchnorm(DeepLabV3("tiny", [3]))
-    kinds = {type(m) for m in model.modules()}
-    assert nn.SyncBatchNorm in kinds and nn.BatchNorm2d not in kinds
+def test_convert_sync_batchnorm_on_the_cpu():
+    """CPU models get DistBatchNorm2d, in place, with the same parameter tensors and state-dict
+    keys; without a process group (or in eval) it is plain BatchNorm."""
+    torch.manual_seed(0)
+    model = DeepLabV3("tiny", [3])
+    params = {n: p for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x).logits
+    same = convert_sync_batchnorm(model)
+    assert same is model
+    kinds = {type(m) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert kinds == {DistBatchNorm2d}
+    assert all(p is params[n] for n, p in model.named_parameters()) and list(model.state_dict()) == keys
+    torch.testing.assert_close(model(x).logits, ref, rtol=0, atol=0)  # training mode, no process group
+
+
+def _dist_bn_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = convert_sync_batchnorm(DeepLabV3("tiny", [3, 2]))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 3, 32, 32, generator=g)
+    target = torch.randn(6, 5, 2, 2, generator=g)  # logits at output stride 16
+    part = slice(rank * 3, (rank + 1) * 3)  # this rank's half of the global batch
+    out = model(x[part]).logits
+    loss = ((out - target[part]) ** 2).mean()  # each rank's mean; DDP averages the gradients
+    loss.backward()
+    grads = []
+    for p in model.parameters():
+        g_ = p.grad if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(g_)
+        grads.append(g_ / world)
+    torch.save({"out": out.detach(), "grads": grads, "state": model.state_dict()}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_dist_batchnorm_two_ranks_match_one_process(tmp_path):
+    """2 gloo ranks on the CPU, each with half the global batch, DistBatchNorm2d: the outputs, the
+    averaged gradients and the running statistics equal one process with the whole batch and
+    plain BatchNorm, up to floating-point order (what DDP + SyncBatchNorm promise on GPUs)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_dist_bn_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = DeepLabV3("tiny", [3, 2])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 3, 32, 32, generator=g)
+    target = torch.randn(6, 5, 2, 2, generator=g)  # logits at output stride 16
+    out = model(x).logits
+    ((out - target) ** 2).mean().backward()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.testing.assert_close(torch.cat([r["out"] for r in ranks]), out.detach(), rtol=1e-4, atol=1e-5)
+    for r in ranks:
+        for (name, p), gr in zip(model.named_parameters(), r["grads"]):
+            torch.testing.assert_close(gr, p.grad, rtol=1e-3, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                torch.testing.assert_close(r["state"][k], v, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+            else:
+                assert torch.equal(r["state"][k], v), k
 
 
 # -- pretrained weights ------------------------------------------------------------------------

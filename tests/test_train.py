@@ -212,10 +212,12 @@ def test_shared_step0_and_init_from(synth, tmp_path):
 
 def test_ddp_two_processes_gloo(synth, tmp_path):
     """torchrun with 2 CPU ranks (gloo): the run completes with the same summary keys as one
-    process with the same global batch. Training numbers are not compared: without SyncBatchNorm
-    on the CPU each rank normalises with its own half-batch statistics. Evaluation is compared
-    exactly: the 2-rank evaluation of the 1-process checkpoints (confusion matrices summed over
-    the ranks) equals the 1-process one."""
+    process with the same global batch. BatchNorm is synchronised over the ranks
+    (DistBatchNorm2d; its equality with one process is tested in test_models). Training
+    numbers are not compared: each rank draws its augmentation (random resized crops, flips)
+    from its own seed, so the ranks see other crops than one process does. Evaluation is
+    compared exactly: the 2-rank evaluation of the 1-process checkpoints (confusion matrices
+    summed over the ranks) equals the 1-process one."""
     single = train(_cfg(synth, tmp_path / "single", "mib"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lskd"]

@@ -26,7 +26,7 @@ from torch import nn
 
 from .resnet import BACKBONES, ResNet, build_resnet, load_pretrained
 
-__all__ = ["SegOutput", "ASPP", "DeepLabV3", "convert_sync_batchnorm"]
+__all__ = ["SegOutput", "ASPP", "DeepLabV3"]
 
 
 @dataclass
@@ -162,7 +162,3 @@ class DeepLabV3(nn.Module):
         logits = torch.cat([c(pre_logits) for c in self.classifiers], dim=1)
         return SegOutput(logits=logits, maps=[*stages, pre_logits, logits])
 
-
-def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
-    """Replace every BatchNorm by SyncBatchNorm (multi-GPU DDP); returns the converted model."""
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -11,9 +11,10 @@ Conventions of the trainer under DDP:
 * the global batch (``--batch-size``) is split evenly over the ranks (it must be divisible);
 * each rank reads its shard of a per-epoch permutation drawn from a generator seeded by
   (seed, step, epoch) -- the same permutation on every rank, like ``DistributedSampler``;
-* BatchNorm becomes SyncBatchNorm on GPUs (on the CPU each rank normalises with its own batch
-  statistics: gloo has no SyncBatchNorm kernels, so a K-rank CPU run is not bit-identical to a
-  1-rank run with the same global batch);
+* BatchNorm is synchronised over the ranks: torch's SyncBatchNorm on GPUs, and on the CPU
+  (gloo, where SyncBatchNorm does not run) :class:`lskd.models.DistBatchNorm2d`, so that every
+  rank normalises with the statistics of the global batch, as one process with that batch does
+  (up to floating-point order; the ranks' augmentation draws differ from one process's);
 * only rank 0 writes files and prints; the confusion matrices are summed over the ranks.
 """
 from __future__ import annotations

@@ -698,8 +698,7 @@ class Trainer:
 
         net: nn.Module = student
         if dctx.distributed:
-            if dev.type == "cuda":
-                net = convert_sync_batchnorm(net)
+            net = convert_sync_batchnorm(net)  # global-batch statistics: SyncBatchNorm (CUDA) / DistBatchNorm2d
             net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
         student_plain: DeepLabV3 = _unwrap(net)
 
