@@ -110,4 +110,11 @@ inline std::pair<int64_t, int64_t> sop_geometry(const at::Tensor& a, int64_t gro
   return {Ho, Wo};
 }
 
+// The argument checks of lskd::md_masks shared by its CPU and CUDA kernels.
+inline void check_md_masks_args(const at::Tensor& feat, const at::Tensor& labels) {
+  TORCH_CHECK(feat.dim() == 4, "lskd: md_masks: feat must be [N, C, H, W], got ", feat.sizes());
+  TORCH_CHECK(labels.dim() == 3 && labels.size(0) == feat.size(0) && labels.numel() > 0,
+              "lskd: md_masks: labels must be [N, Hl, Wl] with N = ", feat.size(0), ", got ", labels.sizes());
+}
+
 }  // namespace lskd

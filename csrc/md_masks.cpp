@@ -11,6 +11,8 @@
 //
 //   float64_ranks: whether the installed torch.quantile computes the ranks
 //   q * (L - 1) of float32 inputs in float64 (probed once in Python).
+#include "common.h"
+
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -50,9 +52,7 @@ std::tuple<at::Tensor, at::Tensor> md_masks_kernel(const at::Tensor& feat, const
                                                    const at::Tensor& feat_new_erased, const at::Tensor& labels,
                                                    int64_t old_classes, int64_t ignore_index, double eps,
                                                    bool float64_ranks) {
-  TORCH_CHECK(feat.dim() == 4, "lskd: md_masks: feat must be [N, C, H, W], got ", feat.sizes());
-  TORCH_CHECK(labels.dim() == 3 && labels.size(0) == feat.size(0) && labels.numel() > 0,
-              "lskd: md_masks: labels must be [N, Hl, Wl] with N = ", feat.size(0), ", got ", labels.sizes());
+  check_md_masks_args(feat, labels);
   // Nothing here is differentiable (the outputs are bool): skip the autograd layer of the calls below.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto [cos_bg, cos_new, gap_bg, gap_new] = md_stats_op().call(feat, feat_bg_erased, feat_new_erased, eps);

@@ -427,9 +427,7 @@ std::tuple<at::Tensor, at::Tensor> md_masks_cuda(const at::Tensor& feat, const a
                                                  const at::Tensor& feat_new_erased, const at::Tensor& labels,
                                                  int64_t old_classes, int64_t ignore_index, double eps,
                                                  bool float64_ranks) {
-  TORCH_CHECK(feat.dim() == 4, "lskd: md_masks: feat must be [N, C, H, W], got ", feat.sizes());
-  TORCH_CHECK(labels.dim() == 3 && labels.size(0) == feat.size(0) && labels.numel() > 0,
-              "lskd: md_masks: labels must be [N, Hl, Wl] with N = ", feat.size(0), ", got ", labels.sizes());
+  check_md_masks_args(feat, labels);
   check_cuda_input("md_masks", feat, "feat");
   TORCH_CHECK(labels.device() == feat.device(), "lskd: md_masks: labels are on ", labels.device(),
               " but the features are on ", feat.device());
