@@ -22,9 +22,10 @@
 //
 // Only long-stable APIs are used (torch::autograd::Function<T>,
 // AutogradContext, save_for_backward, get_saved_variables, saved_data,
-// c10::Dispatcher typed handles) so that this compiles against torch 2.11 to 2.14.
+// c10::Dispatcher typed handles, csrc/op_handles.h) so that this compiles against torch 2.11 to 2.14.
+#include "op_handles.h"
+
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -37,41 +38,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptTensor = std::optional<at::Tensor>;
-
-// ---------------------------------------------------------------- dispatcher handles
-
-using PodForwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                                         const OptTensor&, at::IntArrayRef, bool);
-using PodBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
-                                  const at::Tensor&, const at::Tensor&, at::IntArrayRef, bool);
-using PodDistillSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
-                                 at::IntArrayRef, bool, int64_t);
-using SopForwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                                         const OptTensor&, int64_t, at::IntArrayRef,
-                                                         at::IntArrayRef, at::IntArrayRef);
-using SopBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
-                                  const at::Tensor&, const at::Tensor&, int64_t, at::IntArrayRef, at::IntArrayRef,
-                                  at::IntArrayRef);
-using SopDistillSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, int64_t,
-                                 at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t);
-using OptTensorList = c10::List<OptTensor>;
-using DistillTermsSig = std::vector<at::Tensor>(at::TensorList, at::TensorList, const OptTensorList&,
-                                                const OptTensorList&, at::IntArrayRef, int64_t);
-
-#define LSKD_OP_HANDLE(fn, Sig, name)                                                            \
-  const c10::TypedOperatorHandle<Sig>& fn() {                                                    \
-    static const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>(); \
-    return handle;                                                                               \
-  }
-LSKD_OP_HANDLE(pod_forward_op, PodForwardSig, "lskd::pod_forward")
-LSKD_OP_HANDLE(pod_backward_op, PodBackwardSig, "lskd::pod_backward")
-LSKD_OP_HANDLE(pod_distill_op, PodDistillSig, "lskd::pod_distill")
-LSKD_OP_HANDLE(sop_forward_op, SopForwardSig, "lskd::sop_forward")
-LSKD_OP_HANDLE(sop_backward_op, SopBackwardSig, "lskd::sop_backward")
-LSKD_OP_HANDLE(sop_distill_op, SopDistillSig, "lskd::sop_distill")
-LSKD_OP_HANDLE(distill_terms_op, DistillTermsSig, "lskd::distill_terms")
-#undef LSKD_OP_HANDLE
 
 // ---------------------------------------------------------------- helpers
 

@@ -12,9 +12,9 @@
 //   float64_ranks: whether the installed torch.quantile computes the ranks
 //   q * (L - 1) of float32 inputs in float64 (probed once in Python).
 #include "common.h"
+#include "op_handles.h"
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -24,13 +24,6 @@
 namespace lskd {
 namespace {
 
-using StatsSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                            const at::Tensor&, double);
-
-const c10::TypedOperatorHandle<StatsSig>& md_stats_op() {
-  static const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow("lskd::md_stats", "").typed<StatsSig>();
-  return handle;
-}
 
 // lskd.ops.md_masks.batched_quantile: values [R, L], q [R] -> [R].
 at::Tensor batched_quantile(const at::Tensor& values, at::Tensor q, bool float64_ranks) {

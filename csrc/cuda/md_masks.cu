@@ -48,8 +48,8 @@
 //   both give a zero of some sign for v_lo / v_hi and the same Q up to the
 //   sign of a zero, hence the same masks.
 #include "device_utils.cuh"
+#include "op_handles.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 #include <tuple>
@@ -386,13 +386,6 @@ __global__ void __launch_bounds__(kSelectMaxThreads, 1)
   }
 }
 
-using StatsSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                            const at::Tensor&, double);
-
-const c10::TypedOperatorHandle<StatsSig>& md_stats_op() {
-  static const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow("lskd::md_stats", "").typed<StatsSig>();
-  return handle;
-}
 
 // Dynamic shared memory md_select_mask_kernel may use: what one block may opt in
 // to, less its static shared memory (hist, reductions) and a margin. Cached; no
