@@ -40,6 +40,7 @@ __all__ = [
     "cross_entropy",
     "collapse_new_into_background",
     "teacher_like",
+    "distilled_maps",
     "pod_scales",
 ]
 
@@ -137,6 +138,15 @@ def teacher_like(teacher_map: torch.Tensor, student_map: torch.Tensor) -> torch.
     """The teacher's map in the student map's dtype (the distillation ops take one dtype; under
     autocast the two can differ)."""
     return teacher_map if teacher_map.dtype == student_map.dtype else teacher_map.to(student_map.dtype)
+
+
+def distilled_maps(student_out, teacher_out, index: int, old_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The (student, teacher) pair of map ``index`` as the distillation terms take it: the logits
+    map (the last one) collapsed to the O old channels, the teacher in the student's dtype."""
+    s_map, t_map = student_out.maps[index], teacher_out.maps[index]
+    if index == len(student_out.maps) - 1:
+        s_map = collapse_new_into_background(s_map, old_classes)
+    return s_map, teacher_like(t_map, s_map)
 
 
 def pod_scales(feature: torch.Tensor, scales: Tuple[int, ...] = (1, 2, 4)) -> Tuple[int, ...]:

@@ -46,8 +46,7 @@ from .base import (
     IGNORE_INDEX,
     Method,
     StepContext,
-    collapse_new_into_background,
-    teacher_like,
+    distilled_maps,
     pod_scales,
     upsample_logits,
 )
@@ -334,10 +333,7 @@ class LSKD(Method):
         specs: List[Tuple[str, float, ops.Term]] = []
         for m in self._maps():
             scheme = self.schemes[m]
-            s_map, t_map = student_out.maps[m], teacher_out.maps[m]
-            if m == LOGITS_MAP:
-                s_map = collapse_new_into_background(s_map, o)
-            t_map = teacher_like(t_map, s_map)
+            s_map, t_map = distilled_maps(student_out, teacher_out, m, o)
             spatial = channel = None
             if scheme in ("md", "md+mcd", SEARCH):
                 key = ("md_masks", m)

@@ -45,8 +45,7 @@ from .base import (
     IGNORE_INDEX,
     Method,
     StepContext,
-    collapse_new_into_background,
-    teacher_like,
+    distilled_maps,
     cross_entropy,
     pod_scales,
     to_acc,
@@ -254,13 +253,9 @@ class PLOP(Method):
         scale = math.sqrt(ctx.total_classes / max(ctx.new_classes, 1)) if self.pod_schedule else 1.0
         if self.average_over_maps:
             scale /= len(self.pod_factors)
-        last = len(student_out.maps) - 1
         terms = []
         for i in range(len(self.pod_factors)):
-            s_map, t_map = student_out.maps[i], teacher_out.maps[i]
-            if i == last:
-                s_map = collapse_new_into_background(s_map, o)
-            t_map = teacher_like(t_map, s_map)
+            s_map, t_map = distilled_maps(student_out, teacher_out, i, o)
             terms.append(ops.PodTerm(s_map, t_map, scales=pod_scales(s_map, self.scales)))
         # All maps in one fused call (one op, one autograd node).
         for i, (factor, d) in enumerate(zip(self.pod_factors, ops.distill_terms(terms, backend=self.backend))):
