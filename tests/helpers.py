@@ -556,3 +556,60 @@ def check_md_masks_parity(backend, rng, scenario, kind, dtype, n=3, device="cpu"
     assert torch.equal(sm, esm), f"spatial masks differ at {(sm != esm).nonzero()[:5].tolist()}"
     assert torch.equal(cm, ecm), f"channel masks differ at {(cm != ecm).nonzero()[:5].tolist()}"
     return sm, cm
+
+
+# --------------------------------------------------------------------------- md_masks kernels (CUDA, emulated CUDA)
+
+
+def md_labels(n, hl, wl, dtype, scenario, g):
+    """Labels [n, hl, wl] in dtype; old classes O = 4; per-image kinds include no old / no new pixels."""
+    kinds = {"mixed": ["mixed"], "ignore": ["ignore"], "per_image": ["no_old", "no_new", "ignore", "all_ignore"],
+             "extremes": ["all_old", "all_new"]}[scenario]
+    out = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        y = torch.randint(0, 7, (hl, wl), generator=g)
+        if kind in ("ignore", "no_old", "no_new"):
+            y[torch.rand(hl, wl, generator=g) < 0.3] = 255
+        if kind == "no_old":
+            y[y < 4] = 5
+        elif kind == "no_new":
+            y[(y >= 4) & (y != 255)] = 1
+        elif kind == "all_ignore":
+            y.fill_(255)
+        elif kind == "all_old":
+            y = torch.randint(0, 4, (hl, wl), generator=g)
+        elif kind == "all_new":
+            y = torch.randint(4, 7, (hl, wl), generator=g)
+        out.append(y)
+    return torch.stack(out).to(dtype)
+
+
+def composite_quantile(values, q, float64_ranks):
+    """lskd.ops.md_masks.batched_quantile with an explicit float64_ranks (CPU)."""
+    ordered = values.sort(dim=1).values
+    rank_dtype = torch.float64 if float64_ranks else values.dtype
+    q = q.to(values.dtype)
+    ranks = q.to(rank_dtype) * (values.shape[1] - 1)
+    below = ranks.floor()
+    weight = (ranks - below).to(values.dtype).unsqueeze(1)
+    out = torch.lerp(ordered.gather(1, below.long().unsqueeze(1)), ordered.gather(1, ranks.ceil().long().unsqueeze(1)),
+                     weight).squeeze(1)
+    return out.masked_fill(ordered[:, -1].isnan(), float("nan"))
+
+
+def composite_masks(stats, labels, old, ignore, float64_ranks):
+    """The code of lskd.ops.md_masks.md_masks / csrc/md_masks.cpp, on CPU copies of the statistics."""
+    cos_bg, cos_new, gap_bg, gap_new = (s.cpu() for s in stats)
+    labels = labels.cpu()
+    n, h, w = cos_bg.shape
+    is_old = labels < old
+    is_new = ~is_old & (labels != ignore)
+    q = torch.cat([is_old, is_new]).sum(dim=(1, 2)) / labels[0].numel()
+    cos = torch.cat([cos_bg.reshape(n, -1), cos_new.reshape(n, -1)])
+    gap = torch.cat([gap_bg, gap_new])
+    q_cos = composite_quantile(cos, q, float64_ranks)[:, None]
+    q_gap = composite_quantile(gap, q, float64_ranks)[:, None]
+    spatial = (cos[:n] >= q_cos[:n]) | (cos[n:] <= q_cos[n:])
+    channel = (gap[:n] >= q_gap[:n]) | (gap[n:] <= q_gap[n:])
+    return spatial.reshape(n, 1, h, w), channel

@@ -24,7 +24,9 @@ from helpers import (
     check_md_masks_parity,
     check_nan_propagates,
     check_zero_distance,
+    composite_masks,
     features,
+    md_labels,
     raw_ops,
     spatial_mask,
     stat_inputs,
@@ -187,73 +189,19 @@ _MD_SHAPES = [
 _MD_LABELS = [(torch.uint8, "mixed"), (torch.int64, "per_image"), (torch.int32, "ignore"), (torch.uint8, "extremes")]
 
 
-def _md_labels(n, hl, wl, dtype, scenario, g):
-    """Labels [n, hl, wl] in dtype; old classes O = 4; per-image kinds include no old / no new pixels."""
-    kinds = {"mixed": ["mixed"], "ignore": ["ignore"], "per_image": ["no_old", "no_new", "ignore", "all_ignore"],
-             "extremes": ["all_old", "all_new"]}[scenario]
-    out = []
-    for i in range(n):
-        kind = kinds[i % len(kinds)]
-        y = torch.randint(0, 7, (hl, wl), generator=g)
-        if kind in ("ignore", "no_old", "no_new"):
-            y[torch.rand(hl, wl, generator=g) < 0.3] = 255
-        if kind == "no_old":
-            y[y < 4] = 5
-        elif kind == "no_new":
-            y[(y >= 4) & (y != 255)] = 1
-        elif kind == "all_ignore":
-            y.fill_(255)
-        elif kind == "all_old":
-            y = torch.randint(0, 4, (hl, wl), generator=g)
-        elif kind == "all_new":
-            y = torch.randint(4, 7, (hl, wl), generator=g)
-        out.append(y)
-    return torch.stack(out).to(dtype)
-
-
-def _composite_quantile(values, q, float64_ranks):
-    """lskd.ops.md_masks.batched_quantile with an explicit float64_ranks (CPU)."""
-    ordered = values.sort(dim=1).values
-    rank_dtype = torch.float64 if float64_ranks else values.dtype
-    q = q.to(values.dtype)
-    ranks = q.to(rank_dtype) * (values.shape[1] - 1)
-    below = ranks.floor()
-    weight = (ranks - below).to(values.dtype).unsqueeze(1)
-    out = torch.lerp(ordered.gather(1, below.long().unsqueeze(1)), ordered.gather(1, ranks.ceil().long().unsqueeze(1)),
-                     weight).squeeze(1)
-    return out.masked_fill(ordered[:, -1].isnan(), float("nan"))
-
-
-def _composite_masks(stats, labels, old, ignore, float64_ranks):
-    """The code of lskd.ops.md_masks.md_masks / csrc/md_masks.cpp, on CPU copies of the statistics."""
-    cos_bg, cos_new, gap_bg, gap_new = (s.cpu() for s in stats)
-    labels = labels.cpu()
-    n, h, w = cos_bg.shape
-    is_old = labels < old
-    is_new = ~is_old & (labels != ignore)
-    q = torch.cat([is_old, is_new]).sum(dim=(1, 2)) / labels[0].numel()
-    cos = torch.cat([cos_bg.reshape(n, -1), cos_new.reshape(n, -1)])
-    gap = torch.cat([gap_bg, gap_new])
-    q_cos = _composite_quantile(cos, q, float64_ranks)[:, None]
-    q_gap = _composite_quantile(gap, q, float64_ranks)[:, None]
-    spatial = (cos[:n] >= q_cos[:n]) | (cos[n:] <= q_cos[n:])
-    channel = (gap[:n] >= q_gap[:n]) | (gap[n:] <= q_gap[n:])
-    return spatial.reshape(n, 1, h, w), channel
-
-
 def _check_md_masks_cuda(a, cb, dn, labels, old=4, ignore=255):
     stats = md_statistics(a, cb, dn, backend="cuda")
     n, c, h, w = a.shape
     for float64_ranks in (False, True):
         sm, cm = torch.ops.lskd.md_masks(a, cb, dn, labels, old, ignore, 1e-8, float64_ranks)
-        esm, ecm = _composite_masks(stats, labels, old, ignore, float64_ranks)
+        esm, ecm = composite_masks(stats, labels, old, ignore, float64_ranks)
         assert sm.dtype == torch.bool and cm.dtype == torch.bool and sm.device == a.device
         assert sm.shape == (n, 1, h, w) and cm.shape == (n, c)
         assert torch.equal(sm.cpu(), esm), f"spatial masks differ at {(sm.cpu() != esm).nonzero()[:5].tolist()}"
         assert torch.equal(cm.cpu(), ecm), f"channel masks differ at {(cm.cpu() != ecm).nonzero()[:5].tolist()}"
     # The public entry point (float64_ranks probed from the installed torch) gives the same masks.
     sm, cm = lskd.md_masks(a, cb, dn, labels, old, ignore_index=ignore, backend="cuda")
-    esm, ecm = _composite_masks(stats, labels, old, ignore, _float64_ranks())
+    esm, ecm = composite_masks(stats, labels, old, ignore, _float64_ranks())
     assert torch.equal(sm.cpu(), esm) and torch.equal(cm.cpu(), ecm)
     return sm, cm
 
@@ -278,7 +226,7 @@ def test_md_masks_cuda_matches_composite(gpu_backends, shape, dtype, label_dtype
     a, cb, dn = stat_inputs(shape, dtype, "contiguous", DEV)
     # Label resolutions: 4x the map (powers of two for the LSKD maps) and odd ones (q not dyadic).
     hl, wl = (4 * h, 4 * w) if scenario in ("mixed", "extremes") else (3 * h + 1, w + 2)
-    labels = _md_labels(n, hl, wl, label_dtype, scenario, g).to(DEV)
+    labels = md_labels(n, hl, wl, label_dtype, scenario, g).to(DEV)
     _check_md_masks_cuda(a, cb, dn, labels)
 
 
@@ -296,7 +244,7 @@ def test_md_masks_cuda_ties_and_nan(gpu_backends, dtype, seed):
     cb = protos[(idx + 1) % 3].permute(0, 3, 1, 2).contiguous()
     dn = protos[torch.randint(0, 3, (n, h, w), generator=g)].permute(0, 3, 1, 2).contiguous()
     a, cb, dn = (x.to(dtype).to(DEV) for x in (a, cb, dn))
-    labels = _md_labels(n, 2 * h, 2 * w, torch.int64, "mixed", g).to(DEV)
+    labels = md_labels(n, 2 * h, 2 * w, torch.int64, "mixed", g).to(DEV)
     _check_md_masks_cuda(a, cb, dn, labels)
     # Exactly tied statistics throughout: the quantiles fall on tied values.
     const = protos[0].view(1, c, 1, 1).expand(n, c, h, w).contiguous().to(dtype).to(DEV)
@@ -317,7 +265,7 @@ def test_md_masks_cuda_deterministic(gpu_backends, shape, dtype, seed):
     n, c, h, w = shape
     g = torch.Generator().manual_seed(seed)
     a, cb, dn = stat_inputs(shape, dtype, "contiguous", DEV)
-    labels = _md_labels(n, 4 * h, 4 * w, torch.uint8, "mixed", g).to(DEV)
+    labels = md_labels(n, 4 * h, 4 * w, torch.uint8, "mixed", g).to(DEV)
     first = lskd.md_masks(a, cb, dn, labels, 4, backend="cuda")
     second = lskd.md_masks(a, cb, dn, labels, 4, backend="cuda")
     assert all(torch.equal(x, y) for x, y in zip(first, second))

@@ -64,6 +64,14 @@ constexpr int kSelectMaxThreads = 1024;  // threads of md_select_mask_kernel (at
 // ---------------------------------------------------------------------------
 // Exact float32 arithmetic (round to nearest, no FMA contraction, no flush to
 // zero whatever the nvcc flags).
+// The CPU emulation of the kernels (tests/cuda_emu, LSKD_CUDA_EMULATION) uses
+// host float arithmetic, which is exactly that (built with -ffp-contract=off).
+#ifdef LSKD_CUDA_EMULATION
+__device__ __forceinline__ float f32_mul(float a, float b) { return a * b; }
+__device__ __forceinline__ float f32_sub(float a, float b) { return a - b; }
+__device__ __forceinline__ float f32_div(float a, float b) { return a / b; }
+__device__ __forceinline__ float f32_fma(float a, float b, float c) { return std::fma(a, b, c); }
+#else
 __device__ __forceinline__ float f32_mul(float a, float b) {
   float r;
   asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
@@ -84,6 +92,7 @@ __device__ __forceinline__ float f32_fma(float a, float b, float c) {
   asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
   return r;
 }
+#endif
 
 // ---------------------------------------------------------------------------
 // Order-preserving keys: key(x) < key(y) iff x < y for non-NaN x, y (with
