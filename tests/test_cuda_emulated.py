@@ -151,6 +151,22 @@ def test_pod_kernel_paths(emu, path, shape, layout, scales, dtype):
     check_against_reference(_emu_pod(emu), "cuda", s, t, sm, cm, "none", scales=scales, square=True)
 
 
+def test_pod_paths_take_distinct_kernels(emu):
+    """The POD_PATHS shapes reach the kernels they are meant to (vectorised, strided, generic)."""
+    def kernels(shape, layout, scales):
+        s = features(shape, torch.float32, layout=layout)
+        emu.emu_kernels()
+        dist, emb = emu.pod_forward(s, s * 0.5, None, None, list(scales), True)
+        fwd = emu.emu_kernels()
+        emu.pod_backward(torch.ones(shape[0]), s, None, None, dist, emb, list(scales), True)
+        return fwd[0], emu.emu_kernels()[0]
+
+    paths = {p[0]: kernels(p[1], p[2], p[3]) for p in POD_PATHS}
+    assert len({paths[n][0] for n in ("vector", "strided", "generic-wide")}) == 3, "forward kernels"
+    assert len({paths[n][1] for n in ("vector", "strided", "generic-wide")}) == 3, "backward kernels"
+    assert paths["chunks"] == paths["vector"] and paths["transposed"] == paths["strided"]
+
+
 SOP_PATHS = [
     ("vector", (2, 8, 12, 16), "contiguous", dict(groups=2, window=5, stride=2)),
     ("strided", (2, 9, 11, 13), "channels_last", dict(groups=3, window=3, stride=1)),
@@ -290,3 +306,17 @@ def test_md_masks_ties_nan_and_global_rows(emu, dtype, seed):
         _check_md_masks(emu, a, cb, dn, labels)
     finally:
         emu.emu_set_device(4, 227 * 1024)
+
+
+@pytest.mark.parametrize("op", ("pod", "sop"))
+def test_gradcheck(emu, op):
+    """float64 gradcheck of the emulated CUDA forward + backward (masks, odd shape, channels-last)."""
+    shape = (2, 6, 7, 9)
+    s = features(shape, torch.float64, layout="channels_last").requires_grad_()
+    t = features(shape, torch.float64)
+    sm, cm = torch.rand(2, 1, 7, 9, dtype=torch.float64), torch.rand(2, 6) < 0.7
+    if op == "pod":
+        spec, params = _emu_pod(emu), dict(scales=(1, 2, 3), square=True)
+    else:
+        spec, params = _emu_sop(emu), dict(groups=2, window=3, stride=2)
+    assert torch.autograd.gradcheck(lambda x: spec.call("cuda", x, t, sm, cm, "none", **params), (s,))

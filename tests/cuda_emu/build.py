@@ -19,7 +19,9 @@ The schemas are csrc/ops.cpp's, under ``lskd_emu``. The result is loaded into
 ``torch.ops.lskd_emu``: pod_forward/backward, sop_forward/backward, md_stats,
 md_masks (the CUDA kernels), pod_distill, sop_distill, distill_terms (the C++
 autograd and reduction of csrc/autograd.cpp around them), plus
-``emu_set_device(sms, smem_optin)`` and ``emu_launches()``.
+``emu_set_device(sms, smem_optin)``, ``emu_launches()`` (launches so far) and
+``emu_kernels()`` (the addresses of the kernels launched since the last call:
+which code path a call took).
 
     python tests/cuda_emu/build.py      # build (about 2-3 minutes on 2 cores) and load
 """
@@ -35,7 +37,7 @@ CSRC = ROOT / "csrc"
 HERE = Path(__file__).resolve().parent
 BUILD = ROOT / "build" / "cuda_emu"
 
-_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;(){}]*>)?)<<<(.+?)>>>\(")
+_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;(){}]*>)?)<<<(.+?)>>>\(", re.S)
 _DYN_SMEM = re.compile(r"extern __shared__ __align__\(\d+\) unsigned char (\w+)\[\];")
 
 
@@ -65,6 +67,7 @@ _EXTRA = r"""
 TORCH_LIBRARY(lskd_emu, m) {%s
   m.def("emu_set_device(int sms, int smem_optin) -> ()");
   m.def("emu_launches() -> int");
+  m.def("emu_kernels() -> int[]");
 }
 
 namespace {
@@ -74,11 +77,18 @@ void emu_set_device(int64_t sms, int64_t smem_optin) {
   ::lskd_emu_rt::device().func_max_dyn_smem.clear();
 }
 int64_t emu_launches() { return ::lskd_emu_rt::device().launches; }
+// The addresses of the kernels launched since the last call.
+std::vector<int64_t> emu_kernels() {
+  std::vector<int64_t> out;
+  out.swap(::lskd_emu_rt::device().kernels);
+  return out;
+}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lskd_emu, CompositeExplicitAutograd, m) {
   m.impl("emu_set_device", &emu_set_device);
   m.impl("emu_launches", &emu_launches);
+  m.impl("emu_kernels", &emu_kernels);
 }
 """
 

@@ -69,6 +69,7 @@ struct Device {
   int smem_optin = 227 * 1024;       // cudaDevAttrMaxSharedMemoryPerBlockOptin (H100)
   std::map<const void*, int> func_max_dyn_smem;
   int64_t launches = 0;
+  std::vector<int64_t> kernels;  // address of each kernel launched (cleared by the reader)
 };
 inline Device& device() {
   static Device d;
@@ -222,6 +223,7 @@ struct Launch {
       fail("launch with " + std::to_string(smem) + " bytes of dynamic shared memory, limit " +
            std::to_string(limit));
     ++dev.launches;
+    dev.kernels.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(kernel)));
     BlockRun& r = run();
     r.nthreads = static_cast<int>(nthreads);
     r.block_dim = block;
