@@ -48,6 +48,15 @@ def lskd_maps() -> List[Tuple[int, int, int, int]]:
     return GPU_MAPS if on_gpu() else CPU_MAPS
 
 
+def bench_dtypes() -> List[torch.dtype]:
+    """The dtypes benchmarked: float32 and bfloat16 on a GPU, float32 on the CPU."""
+    return [torch.float32, torch.bfloat16] if on_gpu() else [torch.float32]
+
+
+def bench_dtype_names() -> List[str]:
+    return [str(d).replace("torch.", "") for d in bench_dtypes()]
+
+
 def make_maps(shapes: Sequence[Tuple[int, int, int, int]], dtype: torch.dtype, seed: int = 0):
     """Random student/teacher maps (never zeros), MD masks on maps 2-5."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -104,6 +113,36 @@ def lskd_loss(students, teachers, spatial, channel, backend: Optional[str], fuse
         md4, mcd, md5 = pod(s[4], t[4], m[4], n[4]), sop(s[4], t[4], m[4], n[4]), pod(s[5], t[5], m[5], None)
     loss = 0.01 * (pod0 + pod1 + md2 + md3)
     return loss + 0.01 * md4 + 0.005 * mcd + 0.0005 * md5
+
+
+def reference_step(students, teachers, spatial, channel, groups: int = 20):
+    """Forward + backward of the eager reference loss: what the loss benchmark times as
+    "eager" and hands to torch.compile as "compile" (and benches/warm_compile.py compiles
+    ahead of it: one definition, so that both processes trace the same graphs)."""
+
+    def ref():
+        lskd_loss(students, teachers, spatial, channel, None, groups=groups).backward()
+
+    return ref
+
+
+def compiled(fn):
+    """torch.compile(fn) from a fresh dynamo state: the benchmarks' "compile" backend."""
+    torch._dynamo.reset()
+    return torch.compile(fn)
+
+
+_CACHE_COUNTERS = {
+    "aot_autograd": ("autograd_cache_hit", "autograd_cache_miss", "autograd_cache_bypass"),
+    "inductor": ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass"),
+}
+
+
+def compile_cache_counters() -> dict:
+    """Hits, misses and bypasses of the AOTAutograd and FX graph caches so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return {k: counters[group][k] for group, keys in _CACHE_COUNTERS.items() for k in keys}
 
 
 PER_TERM = "-per-term"

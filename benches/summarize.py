@@ -66,7 +66,18 @@ def table(data) -> str:
             f"{r['ms']:.3f} | {fmt(r['vs_eager'], '.1f')} | {fmt(r['vs_compile'], '.1f')} | {r['floor_ms']:.3f} | "
             f"{fmt(r['x_floor'], '.1f')} | {r['GBps']:.1f} | {fmt(r['bw_frac'] and 100 * r['bw_frac'], '.0f')} | {fmt(r['peak_MB'], '.0f')} |"
         )
-    return head + "\n".join(lines) + "\n"
+    return head + "\n".join(lines) + "\n" + compile_note(data)
+
+
+def compile_note(data) -> str:
+    """One line per torch.compile benchmark: its first call (compilation or cache loading + one step)."""
+    notes = []
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        if e.get("backend") == "compile" and e.get("first_call_s") is not None:
+            cache = ", ".join(f"{k} {v}" for k, v in sorted((e.get("compile_cache") or {}).items())) or "no cache events"
+            notes.append(f"{e['op']} {e['dtype']} {e['first_call_s']:.1f} s ({cache})")
+    return "\ntorch.compile first call: " + "; ".join(notes) + "\n" if notes else ""
 
 
 def training_table(data) -> str:

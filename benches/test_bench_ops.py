@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ import lskd_workload as wl  # noqa: E402
 from lskd import reference  # noqa: E402
 
 DEV = wl.device()
-DTYPES = [torch.float32, torch.bfloat16] if wl.on_gpu() else [torch.float32]
+DTYPES = wl.bench_dtypes()
 KERNEL_BACKENDS = [b for b in lskd.available_backends(DEV) if b != "reference"]
 if DEV.type == "cpu":
     KERNEL_BACKENDS = [b for b in KERNEL_BACKENDS if b != "triton"]  # the interpreter says nothing of speed
@@ -58,8 +59,12 @@ def _run(benchmark, device_info, op, backend, shapes, dtype, fn, inputs):
         fn()
         wl.sync()
 
-    for _ in range(2):  # warm-up outside the timer (compilation, autotuning)
-        step()
+    cache0 = wl.compile_cache_counters()
+    t0 = time.perf_counter()
+    step()  # warm-up outside the timer (compilation, autotuning)
+    first_call_s = time.perf_counter() - t0
+    step()
+    cache = {k: v - cache0[k] for k, v in wl.compile_cache_counters().items() if v != cache0[k]}
     peak_mb = None
     if DEV.type == "cuda":
         torch.cuda.synchronize()
@@ -81,6 +86,8 @@ def _run(benchmark, device_info, op, backend, shapes, dtype, fn, inputs):
         achieved_GBps=nbytes / median / 1e9,
         fraction_of_copy_bw=nbytes / median / bw,
         peak_extra_MB=peak_mb,
+        first_call_s=first_call_s,  # with "compile": compilation (or cache loading) + one step
+        compile_cache=cache,  # inductor / AOTAutograd cache hits and misses of the warm-up
         **device_info,
     )
 
@@ -96,8 +103,7 @@ def _loss_fn(kind, backend, key):
         return kind
     if backend == "compile":
         if key not in _compiled:
-            torch._dynamo.reset()
-            _compiled[key] = torch.compile(kind)
+            _compiled[key] = wl.compiled(kind)
         return _compiled[key]
     return None
 
@@ -182,11 +188,7 @@ def test_lskd_loss(benchmark, device_info, backend, dtype):
     """The LSKD distillation loss over the six maps (released assignment), fwd + bwd."""
     shapes = wl.lskd_maps()
     s, t, m, n = wl.make_maps(shapes, dtype)
-
-    def ref():
-        wl.lskd_loss(s, t, m, n, None).backward()
-
-    fn = _loss_fn(ref, backend, ("loss", dtype))
+    fn = _loss_fn(wl.reference_step(s, t, m, n), backend, ("loss", dtype))
     if fn is None:
         impl, fused = wl.split_variant(backend)
 
