@@ -33,6 +33,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -82,7 +83,7 @@ enum class State { Ready, BlockBarrier, WarpOp, Done };
 
 struct Fiber {
   ucontext_t ctx;
-  std::vector<char> stack;
+  std::unique_ptr<char[]> stack;  // uninitialised: only the pages a fiber uses are touched
   State state = State::Done;
   dim3 tid;
   uint64_t deposit = 0;  // value handed to a warp op / __syncthreads_or
@@ -135,10 +136,10 @@ inline void run_block() {
   r.published.assign(n, 0);
   for (int i = 0; i < n; ++i) {
     Fiber& f = r.fibers[i];
-    if (f.stack.size() != kStackBytes) f.stack.resize(kStackBytes);
+    if (!f.stack) f.stack.reset(new char[kStackBytes]);
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack.data();
-    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_stack.ss_sp = f.stack.get();
+    f.ctx.uc_stack.ss_size = kStackBytes;
     f.ctx.uc_link = &r.sched;
     makecontext(&f.ctx, fiber_entry, 0);
     f.state = State::Ready;
