@@ -613,3 +613,45 @@ def composite_masks(stats, labels, old, ignore, float64_ranks):
     spatial = (cos[:n] >= q_cos[:n]) | (cos[n:] <= q_cos[n:])
     channel = (gap[:n] >= q_gap[:n]) | (gap[n:] <= q_gap[n:])
     return spatial.reshape(n, 1, h, w), channel
+
+
+def check_masks_match_composite(md_masks_op, stats, a, cb, dn, labels, old=4, ignore=255):
+    """``md_masks_op`` (an op with the schema of lskd::md_masks) gives the composite's masks on
+    the same statistics, bit for bit, with float32 and float64 ranks; returns the last masks."""
+    n, c, h, w = a.shape
+    for float64_ranks in (False, True):
+        sm, cm = md_masks_op(a, cb, dn, labels, old, ignore, 1e-8, float64_ranks)
+        esm, ecm = composite_masks(stats, labels, old, ignore, float64_ranks)
+        assert sm.dtype == torch.bool and cm.dtype == torch.bool and sm.device == a.device
+        assert sm.shape == (n, 1, h, w) and cm.shape == (n, c)
+        assert torch.equal(sm.cpu(), esm), f"spatial masks differ at {(sm.cpu() != esm).nonzero()[:5].tolist()}"
+        assert torch.equal(cm.cpu(), ecm), f"channel masks differ at {(cm.cpu() != ecm).nonzero()[:5].tolist()}"
+    return sm, cm
+
+
+def check_md_masks_ties_and_nan(check, dtype, g, device="cpu"):
+    """Tied statistics, constant maps and NaN through ``check(a, cb, dn, labels) -> masks``;
+    returns the tied inputs ``(a, cb, dn, labels)``."""
+    n, c, h, w = 3, 8, 24, 20
+    # Every pixel takes one of 3 prototype vectors: the cosine maps hold a few values, exactly tied
+    # (md_stats sums every position in the same order), and so do the gaps of equal channels.
+    protos = torch.randint(-3, 4, (3, c), generator=g).double()
+    protos[:, 4:] = protos[:, :1]  # channels 4.. equal channel 0: tied gaps
+    idx = torch.randint(0, 3, (n, h, w), generator=g)
+    a = protos[idx].permute(0, 3, 1, 2).contiguous()
+    cb = protos[(idx + 1) % 3].permute(0, 3, 1, 2).contiguous()
+    dn = protos[torch.randint(0, 3, (n, h, w), generator=g)].permute(0, 3, 1, 2).contiguous()
+    a, cb, dn = (x.to(dtype).to(device) for x in (a, cb, dn))
+    labels = md_labels(n, 2 * h, 2 * w, torch.int64, "mixed", g).to(device)
+    check(a, cb, dn, labels)
+    # Exactly tied statistics throughout: the quantiles fall on tied values.
+    const = protos[0].view(1, c, 1, 1).expand(n, c, h, w).contiguous().to(dtype).to(device)
+    check(const, const.clone(), const * 2, labels)
+    # NaN: in feat_bg_erased of image 0 (cos_bg[0] and gap_bg[0] hold a NaN: only the "new" side counts),
+    # in feat of image 1 (every row of image 1 holds a NaN: masks all false).
+    cb2, a2 = cb.clone(), a.clone()
+    cb2[0, 2, 5, 7] = float("nan")
+    a2[1, 3, 1, 1] = float("nan")
+    sm, cm = check(a2, cb2, dn, labels)
+    assert not sm[1].any() and not cm[1].any()
+    return a, cb, dn, labels

@@ -29,9 +29,10 @@ from helpers import (
     LAYOUTS,
     OpSpec,
     check_against_reference,
+    check_masks_match_composite,
+    check_md_masks_ties_and_nan,
     check_nan_propagates,
     check_zero_distance,
-    composite_masks,
     dtype_id,
     features,
     md_labels,
@@ -256,14 +257,7 @@ def _check_md_masks(emu, a, cb, dn, labels, old=4, ignore=255):
     for x, y, name in zip(stats, ref, ("cos_bg", "cos_new", "gap_bg", "gap_new")):
         tol = 1e-12 if a.dtype == torch.float64 else 1e-5
         assert torch.allclose(x.double(), y, rtol=tol, atol=tol, equal_nan=True), name
-    n, c, h, w = a.shape
-    for float64_ranks in (False, True):
-        sm, cm = emu.md_masks(a, cb, dn, labels, old, ignore, 1e-8, float64_ranks)
-        esm, ecm = composite_masks(stats, labels, old, ignore, float64_ranks)
-        assert sm.shape == (n, 1, h, w) and cm.shape == (n, c) and sm.dtype == torch.bool
-        assert torch.equal(sm, esm), f"spatial masks differ at {(sm != esm).nonzero()[:5].tolist()}"
-        assert torch.equal(cm, ecm), f"channel masks differ at {(cm != ecm).nonzero()[:5].tolist()}"
-    return sm, cm
+    return check_masks_match_composite(emu.md_masks, stats, a, cb, dn, labels, old, ignore)
 
 
 MD_CASES = [((2, 16, 16, 16), torch.float32), ((3, 19, 13, 11), torch.bfloat16), ((2, 7, 9, 5), torch.float64),
@@ -283,23 +277,8 @@ def test_md_masks_match_composite(emu, shape, dtype, label_dtype, scenario, seed
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=dtype_id)
 def test_md_masks_ties_nan_and_global_rows(emu, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    n, c, h, w = 3, 8, 24, 20
-    protos = torch.randint(-3, 4, (3, c), generator=g).double()
-    protos[:, 4:] = protos[:, :1]  # tied gaps
-    idx = torch.randint(0, 3, (n, h, w), generator=g)
-    a = protos[idx].permute(0, 3, 1, 2).contiguous().to(dtype)
-    cb = protos[(idx + 1) % 3].permute(0, 3, 1, 2).contiguous().to(dtype)
-    dn = protos[torch.randint(0, 3, (n, h, w), generator=g)].permute(0, 3, 1, 2).contiguous().to(dtype)
-    labels = md_labels(n, 2 * h, 2 * w, torch.int64, "mixed", g)
-    _check_md_masks(emu, a, cb, dn, labels)
-    const = protos[0].view(1, c, 1, 1).expand(n, c, h, w).contiguous().to(dtype)
-    _check_md_masks(emu, const, const.clone(), const * 2, labels)
-    cb2, a2 = cb.clone(), a.clone()
-    cb2[0, 2, 5, 7] = float("nan")
-    a2[1, 3, 1, 1] = float("nan")
-    sm, cm = _check_md_masks(emu, a2, cb2, dn, labels)
-    assert not sm[1].any() and not cm[1].any()
+    a, cb, dn, labels = check_md_masks_ties_and_nan(lambda *x: _check_md_masks(emu, *x), dtype,
+                                                    torch.Generator().manual_seed(seed))
     # Rows that do not fit the (here tiny) shared memory: keys read from global memory in every pass.
     emu.emu_set_device(4, 1024)
     try:

@@ -21,6 +21,8 @@ from helpers import (
     channel_mask,
     check_against_reference,
     check_deterministic,
+    check_masks_match_composite,
+    check_md_masks_ties_and_nan,
     check_md_masks_parity,
     check_nan_propagates,
     check_zero_distance,
@@ -191,14 +193,7 @@ _MD_LABELS = [(torch.uint8, "mixed"), (torch.int64, "per_image"), (torch.int32, 
 
 def _check_md_masks_cuda(a, cb, dn, labels, old=4, ignore=255):
     stats = md_statistics(a, cb, dn, backend="cuda")
-    n, c, h, w = a.shape
-    for float64_ranks in (False, True):
-        sm, cm = torch.ops.lskd.md_masks(a, cb, dn, labels, old, ignore, 1e-8, float64_ranks)
-        esm, ecm = composite_masks(stats, labels, old, ignore, float64_ranks)
-        assert sm.dtype == torch.bool and cm.dtype == torch.bool and sm.device == a.device
-        assert sm.shape == (n, 1, h, w) and cm.shape == (n, c)
-        assert torch.equal(sm.cpu(), esm), f"spatial masks differ at {(sm.cpu() != esm).nonzero()[:5].tolist()}"
-        assert torch.equal(cm.cpu(), ecm), f"channel masks differ at {(cm.cpu() != ecm).nonzero()[:5].tolist()}"
+    check_masks_match_composite(torch.ops.lskd.md_masks, stats, a, cb, dn, labels, old, ignore)
     # The public entry point (float64_ranks probed from the installed torch) gives the same masks.
     sm, cm = lskd.md_masks(a, cb, dn, labels, old, ignore_index=ignore, backend="cuda")
     esm, ecm = composite_masks(stats, labels, old, ignore, _float64_ranks())
@@ -233,29 +228,7 @@ def test_md_masks_cuda_matches_composite(gpu_backends, shape, dtype, label_dtype
 @pytest.mark.parametrize("dtype", (F32, BF16, torch.float64), ids=str)
 def test_md_masks_cuda_ties_and_nan(gpu_backends, dtype, seed):
     _need_cuda_backend(gpu_backends)
-    g = torch.Generator().manual_seed(seed)
-    n, c, h, w = 3, 8, 24, 20
-    # Every pixel takes one of 3 prototype vectors: the cosine maps hold a few values, exactly tied
-    # (md_stats sums every position in the same order), and so do the gaps of equal channels.
-    protos = torch.randint(-3, 4, (3, c), generator=g).double()
-    protos[:, 4:] = protos[:, :1]  # channels 4.. equal channel 0: tied gaps
-    idx = torch.randint(0, 3, (n, h, w), generator=g)
-    a = protos[idx].permute(0, 3, 1, 2).contiguous()
-    cb = protos[(idx + 1) % 3].permute(0, 3, 1, 2).contiguous()
-    dn = protos[torch.randint(0, 3, (n, h, w), generator=g)].permute(0, 3, 1, 2).contiguous()
-    a, cb, dn = (x.to(dtype).to(DEV) for x in (a, cb, dn))
-    labels = md_labels(n, 2 * h, 2 * w, torch.int64, "mixed", g).to(DEV)
-    _check_md_masks_cuda(a, cb, dn, labels)
-    # Exactly tied statistics throughout: the quantiles fall on tied values.
-    const = protos[0].view(1, c, 1, 1).expand(n, c, h, w).contiguous().to(dtype).to(DEV)
-    _check_md_masks_cuda(const, const.clone(), const * 2, labels)
-    # NaN: in feat_bg_erased of image 0 (cos_bg[0] and gap_bg[0] hold a NaN: only the "new" side counts),
-    # in feat of image 1 (every row of image 1 holds a NaN: masks all false).
-    cb2, a2 = cb.clone(), a.clone()
-    cb2[0, 2, 5, 7] = float("nan")
-    a2[1, 3, 1, 1] = float("nan")
-    sm, cm = _check_md_masks_cuda(a2, cb2, dn, labels)
-    assert not sm[1].any() and not cm[1].any()
+    check_md_masks_ties_and_nan(_check_md_masks_cuda, dtype, torch.Generator().manual_seed(seed), DEV)
 
 
 @pytest.mark.parametrize("shape,dtype", [((2, 256, 128, 128), F32), ((2, 2048, 32, 32), BF16), ((3, 5, 7, 9), torch.float64)],
