@@ -90,9 +90,8 @@ def main() -> int:
     ap.add_argument("--backend", default="cuda" if wl.on_gpu() else "cpu")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
-    dtypes = [torch.float32, torch.bfloat16] if wl.on_gpu() else [torch.float32]
     results = []
-    for dtype in dtypes:
+    for dtype in wl.bench_dtypes():
         for name, fn in _workloads(args.backend, dtype).items():
             r = _profile(fn, args.iters)
             r.update(workload=name, dtype=str(dtype).replace("torch.", ""), backend=args.backend)

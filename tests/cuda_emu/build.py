@@ -119,12 +119,8 @@ def load(verbose: bool = False):
     import torch
     from torch.utils import cpp_extension
 
-    if hasattr(torch.ops, "lskd_emu") and hasattr(torch.ops.lskd_emu, "emu_launches"):
-        try:
-            torch.ops.lskd_emu.emu_launches
-            return torch.ops.lskd_emu
-        except (AttributeError, RuntimeError):
-            pass
+    if hasattr(torch.ops.lskd_emu, "emu_launches"):  # already loaded in this process
+        return torch.ops.lskd_emu
     files = sources()
     build_dir = BUILD / "obj"
     build_dir.mkdir(parents=True, exist_ok=True)
