@@ -42,22 +42,21 @@ def test_profile_loss_runs(tmp_path):
     assert all(x["wall_ms"] > 0 and x["host_ops"] for x in res)
 
 
-def test_gpu_check_dry_run_profile_stage(tmp_path):
-    env = {**ENV, "OUT": str(tmp_path), "STAGES": "profile", "PYTHON": sys.executable}
-    r = subprocess.run(["bash", str(ROOT / "benches" / "gpu_check.sh")], capture_output=True, text=True, timeout=300,
-                       env=env, cwd=ROOT)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "## loss fused" in r.stdout and "done, status 0" in r.stdout
-    assert (tmp_path / "profile.json").is_file()
-    assert "SKIP" not in r.stdout and "warm_compile" not in r.stdout  # no bench stage: no warm-up
-
-
 def _gpu_check(tmp_path, **env):
+    """Run benches/gpu_check.sh on the CPU with OUT = tmp_path/out; (result, stdout lines, log)."""
     env = {**ENV, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, **env}
     r = subprocess.run(["bash", str(ROOT / "benches" / "gpu_check.sh")], capture_output=True, text=True, timeout=300,
                        env=env, cwd=ROOT)
     lines = r.stdout.strip().splitlines()
     return r, lines, r.stdout + r.stderr[-3000:]
+
+
+def test_gpu_check_dry_run_profile_stage(tmp_path):
+    r, _, log = _gpu_check(tmp_path, STAGES="profile")
+    assert r.returncode == 0, log
+    assert "## loss fused" in r.stdout and "done, status 0" in r.stdout
+    assert (tmp_path / "out" / "profile.json").is_file()
+    assert "SKIP" not in r.stdout and "warm_compile" not in r.stdout  # no bench stage: no warm-up
 
 
 def test_gpu_check_skips_stages_past_the_budget(tmp_path):
