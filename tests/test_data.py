@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from lskd.data import (
     Task,
     TrainTransform,
     VOCSegmentation,
+    check_labels,
     eval_lut,
     image_classes,
     load_dataset,
@@ -271,6 +273,35 @@ def test_malformed_layouts(tmp_path):
         SegmentationFolder(tmp_path, "train")
 
 
+
+def test_text_files_with_bom(tmp_path):
+    """classes.txt and split lists saved with a UTF-8 BOM (Windows Notepad) read as plain UTF-8."""
+    write_voc(tmp_path, {"a": [1], "b": [2]}, {"c": [2]}, aug=False)
+    (tmp_path / "classes.txt").write_bytes("background\r\nchat\r\nch\u00e8vre\r\n".encode("utf-8-sig"))
+    (tmp_path / "ImageSets" / "Segmentation" / "val.txt").write_bytes("c\r\n".encode("utf-8-sig"))
+    ds = SegmentationFolder(tmp_path, "val")
+    assert ds.class_names == ["background", "chat", "ch\u00e8vre"]
+    assert len(ds) == 1 and ds.samples[0][1].endswith("c.png")
+    assert len(load_dataset(tmp_path, "val")) == 1
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+@pytest.mark.parametrize("which", ["classes.txt", "ImageSets/Segmentation/train.txt"])
+def test_text_files_not_utf8(tmp_path, which, bom):
+    """A Latin-1 text file is a ValueError naming the file and the byte offset (from the file's
+    start, BOM included), not a bare UnicodeDecodeError."""
+    write_voc(tmp_path, {"a": [1], "b": [2]}, {"c": [2]}, aug=False, classes_txt=["background", "x", "y"])
+    content = {"classes.txt": "background\nx\nch\u00e8vre\n", "ImageSets/Segmentation/train.txt": "a\nb\u00e9\n"}
+    data = bom + content[which].encode("latin-1")  # e-grave / e-acute: one byte, invalid in UTF-8
+    (tmp_path / which).write_bytes(data)
+    offset = data.index(b"\xe8" if "classes" in which else b"\xe9")
+    with pytest.raises(ValueError) as e:
+        SegmentationFolder(tmp_path, "train")
+    msg = str(e.value)
+    assert str(tmp_path / which) in msg and "UTF-8" in msg and f"offset {offset}" in msg
+    assert not isinstance(e.value, UnicodeDecodeError)
+
+
 def test_label_value_outside_classes_is_lazy(tmp_path):
     write_voc(tmp_path, {"good": [1], "bad": [1]}, {"v": [1]}, aug=False, classes_txt=["background", "a", "b"])
     bad = np.zeros((12, 16), np.uint8)
@@ -282,6 +313,34 @@ def test_label_value_outside_classes_is_lazy(tmp_path):
         with pytest.raises(ValueError) as e:
             fn()
         assert "bad.png" in str(e.value) and "value 7" in str(e.value)
+
+
+
+def test_check_labels_before_training(tmp_path):
+    """check_labels reads every label of a split up front: a bad value is a ValueError naming the
+    file and the value; a clean split is cached so that the next check reads no label."""
+    names = ["background", "a", "b", "c", "d", "e"]
+    write_voc(tmp_path, {"t": [1]}, {"v1": [1, 255], "v2": [2, 5], "v3": [3]}, aug=False, classes_txt=names)
+    bad = np.zeros((12, 16), np.uint8)
+    bad[2, 3] = 200
+    bad[5, 6] = 4
+    label = tmp_path / "SegmentationClass" / "v2.png"
+    save_palette_png(label, bad)
+    cache = tmp_path / "cache"
+    val = SegmentationFolder(tmp_path, "val")  # construction reads no label
+    for cache_dir in (None, cache):
+        with pytest.raises(ValueError) as e:
+            check_labels(val, cache_dir=cache_dir)
+        assert "v2.png" in str(e.value) and "200" in str(e.value)
+    assert not cache.exists() or not any(cache.iterdir())  # nothing cached for a bad split
+    bad[2, 3] = 5
+    save_palette_png(label, bad)
+    _touch_later(label)
+    assert check_labels(val, cache_dir=cache) is None
+    again = SegmentationFolder(tmp_path, "val")
+    again.label_classes = None  # type: ignore[assignment]  # the second check reads no label
+    assert check_labels(again, cache_dir=cache) is None
+    assert image_classes(again, cache) == [{1}, {4, 5}, {3}]
 
 
 def test_ade_value_outside_classes(tmp_path):
@@ -344,6 +403,47 @@ def test_step_indices_cache(tmp_path):
     assert step_indices(ds, task, 1, False, cache) == [1, 2, 3, 7]
     with pytest.raises(ValueError, match="classes"):
         step_indices(ds, parse_task("15-1", 21), 0, False, cache)
+
+
+
+def _touch_later(path, seconds: int = 10) -> None:
+    """Move the mtime of ``path`` forward (a rewrite within the filesystem's mtime resolution
+    would otherwise keep it)."""
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 10**9))
+
+
+def test_cache_follows_label_content(tmp_path):
+    """Rewriting a label file (same name, new classes) invalidates the cached class lists."""
+    names = ["background", "a", "b", "c", "d"]
+    root = tmp_path / "data"
+    train = {f"i{k}": sorted(c) or [0] for k, c in enumerate(IMAGE_CLASSES)}
+    write_voc(root, train, {"v": [1]}, aug=False, classes_txt=names)
+    ds = SegmentationFolder(root, "train")
+    task = parse_task("2-1", 5)
+    cache = tmp_path / "cache"
+    assert step_indices(ds, task, 1, False, cache) == [1, 2, 3, 7]
+    label = root / "SegmentationClass" / "i0.png"  # {1} -> {3}
+    save_palette_png(label, np.full((12, 16), 3, np.uint8))
+    _touch_later(label)
+    assert step_indices(ds, task, 1, False, cache) == [0, 1, 2, 3, 7]
+    assert image_classes(SegmentationFolder(root, "train"), cache)[0] == {3}
+    # a label file gone is reported by the reader, not by the fingerprint
+    label.unlink()
+    with pytest.raises(FileNotFoundError, match=r"label file .*i0\.png is missing"):
+        step_indices(ds, task, 2, False, cache)
+
+
+def test_fingerprint_covers_label_stat_for_every_reader(tmp_path):
+    write_voc(tmp_path / "voc", {"a": [1], "b": [2]}, {"c": [3]}, aug=False)
+    write_ade(tmp_path / "ade", {"a": [3], "b": [4]}, {"c": [5]})
+    voc = VOCSegmentation(tmp_path / "voc", "train")
+    ade = ADE20KSegmentation(tmp_path / "ade", "train")
+    for ds in (voc, ade):
+        fp = ds.fingerprint()
+        assert ds.fingerprint() == fp  # stable while nothing changes
+        _touch_later(ds.samples[1][1])
+        assert ds.fingerprint() != fp, type(ds).__name__
 
 
 def test_incremental_subset(tmp_path):

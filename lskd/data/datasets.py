@@ -8,10 +8,16 @@ with class ids ``0..K-1`` (0 = background) and 255 = ignore. Label values are ch
 
 Per-image class sets and per-step image lists are cached by :func:`image_classes` /
 :func:`step_indices` as JSON files in a cache directory chosen by the caller (next to the run),
-never inside the dataset.
+never inside the dataset. The cache is keyed by :meth:`SegmentationDataset.fingerprint`, which
+covers each label file's size and mtime, so labels rewritten in place are read again.
+:func:`check_labels` reads (and checks) every label of a split up front, e.g. the val split
+before training, through the same cache.
+
+Text files (classes.txt, the split lists) must be UTF-8; a leading BOM is ignored.
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -38,6 +44,7 @@ __all__ = [
     "load_dataset",
     "image_classes",
     "step_indices",
+    "check_labels",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -89,11 +96,29 @@ ROOT is ADEChallengeData2016/ or the folder holding it."""
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 
 
-def _read_classes_txt(path: Path) -> List[str]:
+def _read_text_lines(path: Path, what: str) -> List[str]:
+    """Lines of the UTF-8 text file ``path`` (a leading BOM dropped; \\n, \\r\\n or \\r endings).
+
+    ``what`` says what the file holds, for the messages. Raises FileNotFoundError when the file
+    cannot be read and ValueError naming the file and the byte offset when it is not UTF-8.
+    """
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = path.read_bytes()
     except OSError as e:
-        raise FileNotFoundError(f"cannot read class names from {path}: {e}") from e
+        raise FileNotFoundError(f"cannot read {what} from {path}: {e}") from e
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[skip:].decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        at = skip + e.start
+        raise ValueError(
+            f"{path}: byte 0x{data[at]:02x} at offset {at} is not UTF-8; {what} must be saved as UTF-8 text"
+        ) from e
+
+
+def _read_classes_txt(path: Path) -> List[str]:
+    """Class names of ``path``, one per line, background first (see :func:`_read_text_lines`)."""
+    lines = _read_text_lines(path, "the class names")
     names = [ln.strip() for ln in lines]
     while names and not names[-1]:
         names.pop()
@@ -234,15 +259,24 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return {int(c) for c in np.flatnonzero(counts) if c not in (0, IGNORE)}
 
     def fingerprint(self) -> str:
-        """Hex digest identifying the dataset content list (type, root, split, classes, files)."""
+        """Hex digest of what the per-image class lists depend on: type, root, split, class names,
+        the (image, label) file list, and each label file's size and mtime (``st_mtime_ns``), so
+        that a label rewritten in place changes it. One ``stat`` per label, no file is read."""
         h = hashlib.sha1()
         h.update(json.dumps([type(self).__name__, str(Path(self.root).resolve()), self.split, self.class_names]).encode())
         for img, lbl in self.samples:
-            h.update(img.encode())
-            h.update(b"\0")
-            h.update(lbl.encode())
-            h.update(b"\n")
+            h.update(b"\0".join((os.fsencode(img), os.fsencode(lbl), _stat_key(lbl))) + b"\n")
         return h.hexdigest()
+
+
+def _stat_key(path: str) -> bytes:
+    """``b"<size>:<mtime_ns>"`` of ``path``; ``b"-"`` when it cannot be stat'ed (the reader then
+    reports the missing file)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return b"-"
+    return b"%d:%d" % (st.st_size, st.st_mtime_ns)
 
 
 class SegmentationFolder(SegmentationDataset):
@@ -300,7 +334,7 @@ class SegmentationFolder(SegmentationDataset):
         labels = [_list_stems(d) for d in label_dirs]
         samples: List[Tuple[str, str]] = []
         missing_files: List[str] = []
-        for n, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_read_text_lines(list_file, "the split list"), 1):
             parts = line.split()
             if not parts:
                 continue
@@ -456,7 +490,8 @@ def image_classes(
     """Per image, the set of class ids in its label (without 0 and 255).
 
     With ``cache_dir`` the result is cached in ``cache_dir/<dataset>-<split>-<hash>.classes.json``
-    (written atomically; reused when the dataset fingerprint matches).
+    (written atomically; reused when the dataset fingerprint matches, i.e. same files with the
+    same label sizes and mtimes: see :meth:`SegmentationDataset.fingerprint`).
     Reading every label is the slow part (~10k PNGs for VOC train_aug); it runs on ``workers``
     threads (default ``min(8, cpu_count)``; 1 = serial). A bad label raises its ValueError.
     """
@@ -522,6 +557,23 @@ def step_indices(
     if path is not None:
         _atomic_write_json(path, {**key, "indices": indices})
     return indices
+
+
+def check_labels(dataset: SegmentationDataset, cache_dir: Optional[PathLike] = None, progress: bool = False) -> None:
+    """Read every label of ``dataset`` once and check it, e.g. the val split before training
+    (evaluation would otherwise meet a bad label only after step 0).
+
+    Checks, per label file: it exists, it is a single-channel class-index PNG (mode P/L, or 16-bit
+    grey), and every value is allowed (``dataset.raw_valid``: class ids ``0..K-1`` and 255 for
+    VOC / folder datasets, stored values 0..150 and 255 for ADE20K). The first bad file in
+    dataset order raises its ValueError (FileNotFoundError when missing), which names the file and
+    the bad value(s). Image files are not opened (nor label/image sizes compared).
+
+    This is :func:`image_classes` with its result dropped: with ``cache_dir`` a clean result is
+    cached, so a second check (and :func:`step_indices` on the same split) only ``stat``s the
+    label files. Nothing is cached for a split with a bad label.
+    """
+    image_classes(dataset, cache_dir, progress)
 
 
 # ------------------------------------------------------------------------------------- subset
