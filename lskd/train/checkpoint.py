@@ -10,7 +10,15 @@ Files written by the trainer under ``OUT/checkpoints/``:
   is written. ``--resume`` continues from it.
 
 Every file is written to a temporary file in the same folder and moved into place with
-``os.replace``, so a killed process leaves either the old or the new file, never half of one.
+``os.replace``, so a killed process leaves either the old or the new file, never half of one
+(see :mod:`lskd._io`).
+
+File format: a ``torch.save`` file holding ``{"format": "lskd-checkpoint", "version": 1,
+"sha256": DIGEST, "payload": BYTES}``, where ``BYTES`` is the ``torch.save`` of the checkpoint
+dict and ``DIGEST`` the SHA-256 (hex) of ``BYTES``. :func:`load_checkpoint` verifies the digest
+before it unpickles the payload, so a file changed after it was written (a flipped bit on disk,
+a damaged copy) raises :class:`CheckpointCorrupt` instead of silently loading other weights.
+Files from before the checksum (the bare checkpoint dict) still load, unverified.
 
 ``identity`` = what must match for a checkpoint to continue a run: dataset kind and class
 names, task (name and class lists), overlap/disjoint, method, backbone, output stride.
@@ -19,9 +27,11 @@ is the same for every incremental method.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import random
-
+import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Union
 
@@ -37,26 +47,74 @@ __all__ = [
     "set_rng_state",
     "check_identity",
     "CheckpointMismatch",
+    "CheckpointCorrupt",
 ]
 
 PathLike = Union[str, os.PathLike]
+
+FORMAT = "lskd-checkpoint"
+VERSION = 1
 
 
 class CheckpointMismatch(ValueError):
     """A checkpoint that belongs to another run (task, method, dataset, model)."""
 
 
+class CheckpointCorrupt(ValueError):
+    """A checkpoint whose bytes changed after it was written (its SHA-256 does not match)."""
+
+
 def atomic_save(obj: Any, path: PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (temporary file in the same folder + fsync +
-    ``os.replace``). Returns the path."""
+    """``torch.save(obj)`` with its SHA-256 (see the module docstring) to ``path`` atomically
+    (temporary file in the same folder + fsync + ``os.replace``). Returns the path."""
     path = Path(path)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payload = buf.getvalue()
+    del buf
+    wrapper = {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}
     with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(wrapper, f, pickle_protocol=4)  # protocol 4 stores the bytes as they are
+        except RuntimeError as e:  # torch's zip writer hides the OSError (a full disk) behind its own
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
     return path
 
 
+def _corrupt_message(path: Path, expected: str, found: str) -> str:
+    """What :class:`CheckpointCorrupt` says: which file, the digests, and what to do."""
+    msg = (
+        f"checkpoint {path} is corrupt: SHA-256 expected {expected}, found {found} (the file changed "
+        "after it was written: a disk or copy error). Delete it or restore it from a good copy"
+    )
+    last = re.fullmatch(r"step(\d+)-last\.pt", path.name)
+    if last:
+        msg += f"; it only holds unfinished step {last.group(1)}: remove it to retrain that step from its start"
+    return msg
+
+
+def _unwrap(wrapper: Dict[str, Any], path: Path, map_location: Union[str, torch.device]) -> Any:
+    """The checkpoint inside a file written by :func:`atomic_save`, after checking its SHA-256."""
+    if wrapper.get("version") != VERSION:
+        raise ValueError(f"checkpoint {path} has unknown format version {wrapper.get('version')!r} (expected {VERSION})")
+    payload, expected = wrapper.get("payload"), wrapper.get("sha256")
+    if not isinstance(payload, bytes) or not isinstance(expected, str):
+        raise CheckpointCorrupt(f"checkpoint {path} is corrupt: no payload or SHA-256; delete it or restore it")
+    found = hashlib.sha256(payload).hexdigest()
+    if found != expected:
+        raise CheckpointCorrupt(_corrupt_message(path, expected, found))
+    try:
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
+    except Exception as e:  # intact, yet unreadable (e.g. written by a newer torch)
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+
+
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
-    """Load a checkpoint written by the trainer; clear errors for a missing or unreadable file."""
+    """Load a checkpoint written by the trainer; clear errors for a missing, unreadable or corrupt
+    file (:class:`CheckpointCorrupt` when its SHA-256 does not match). Old files without a
+    checksum load unverified."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -64,6 +122,8 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # corrupt / not a torch file
         raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
+        ckpt = _unwrap(ckpt, path, map_location)
     if not isinstance(ckpt, dict) or "identity" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path} is not an lskd training checkpoint (no 'identity'/'model' entries)")
     return ckpt
