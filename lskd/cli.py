@@ -10,8 +10,9 @@ Examples::
     lskd eval --out runs/x
     lskd demo            # the synthetic benchmark of every method (~10 min on 2 CPU cores)
 
-Errors in the input (missing data, bad task string, a checkpoint of another run, ...) print one
-``lskd: error: ...`` line and exit with status 2, without writing a summary.
+Errors in the input (missing data, bad task string, a checkpoint of another run, a run directory
+in use, a diverging run, a read-only or full disk, ...) print one ``lskd <command>: error: ...``
+line and exit with status 2, without writing a summary.
 """
 from __future__ import annotations
 
@@ -22,6 +23,25 @@ from typing import List, Optional
 __all__ = ["main", "build_parser"]
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _error_message(e: BaseException) -> str:
+    """One line for a user error or a failed file operation (read-only folder, full disk)."""
+    if isinstance(e, OSError) and not isinstance(e, USER_ERRORS) and e.strerror:
+        where = f" {e.filename}" if e.filename else ""
+        return f"cannot write or read{where}: {e.strerror} (errno {e.errno})"
+    return str(e) or type(e).__name__
 
 
 def _add_train(sub) -> None:
@@ -64,7 +84,7 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
     p.add_argument("--init-from", default=None, metavar="CKPT", help="start from a step-k checkpoint (e.g. a shared step 0) and train k+1..")
     p.add_argument("--term-weights", default=None, metavar="NAME=W,...", help="fixed weights of loss terms (default 1), e.g. 'unkd=0.5'")
-    g = p.add_argument_group("dynamic weights and scheme search (LSKD, SPEC 3.1 / 3.2)")
+    g = p.add_argument_group("dynamic weights and scheme search (LSKD)")
     g.add_argument("--weighting", default="fixed", choices=["fixed", "rge", "gradnorm"],
                    help="trade-off weights of the loss terms: fixed (1, or --term-weights), rge (regularised "
                         "gradient equilibrium, as released) or gradnorm (default fixed)")
@@ -92,7 +112,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--out", required=True, help="the run's folder (the --out of lskd train)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the one of the run)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch (default: the run's)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="evaluation batch per rank (default: the run's)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the run's)")
     p.add_argument("--report-dir", default=None, help="where to write the reports (default OUT/eval)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -264,9 +284,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("lskd: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as e:
-        msg = str(e) or type(e).__name__
-        print(f"lskd {args.command}: error: {msg}", file=sys.stderr)
+    except (*USER_ERRORS, OSError) as e:
+        print(f"lskd {args.command}: error: {_error_message(e)}", file=sys.stderr)
         return 2
 
 

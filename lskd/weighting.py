@@ -105,6 +105,10 @@ class Weighting:
         return []
 
     _names: Sequence[str] = ()  # the names given to begin_step (set by the subclasses)
+    #: Record the weights every this many updates (0: never; schemes without a trace ignore it).
+    trace_every: int = 0
+    #: The recorded entries (for the plots); schemes that record replace it by a list.
+    trace: Sequence[dict] = ()
 
     def weights(self, names: Optional[Iterable[str]] = None) -> Dict[str, float]:
         """``{name: weight}`` for ``names`` (default: every name given to :meth:`begin_step`)."""

@@ -152,6 +152,13 @@ class DeepLabV3(nn.Module):
         self.requires_grad_(False)
         return super().train(False)
 
+    def unfreeze(self) -> "DeepLabV3":
+        """Undo :meth:`freeze`: ``train()`` switches modes again and every parameter takes
+        gradients. Returns self (e.g. the student built from a copy of the previous teacher)."""
+        self._frozen = False
+        self.requires_grad_(True)
+        return self
+
     def train(self, mode: bool = True) -> "DeepLabV3":
         return super().train(False if self._frozen else mode)
 

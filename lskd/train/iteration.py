@@ -1,0 +1,106 @@
+"""One training iteration: the method's terms, the weighting, the backward pass and the optimiser.
+
+``total = weighting.total(terms)`` is the only place where weights meet terms. Dynamic
+weightings (RGE, GradNorm) take their per-term gradients while the graph is alive; the search
+phase runs its upper-level update after the backward pass (:mod:`lskd.train.phases`).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..models import DeepLabV3
+from .config import TrainingDiverged
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .step import StepTrainer
+
+__all__ = ["train_iteration", "autocast", "EpochMeans", "diverged_message"]
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on ``device`` to ``dtype``; disabled for None (float32 training)."""
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def train_iteration(
+    step: "StepTrainer",
+    net: nn.Module,
+    plain: DeepLabV3,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    lr_factor: float,
+    lr: float,
+    where: str,
+) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """One iteration of ``step`` on a batch; returns the (graph-free use only) terms and total.
+
+    ``net`` is the trained module (DDP-wrapped when distributed), ``plain`` the student inside
+    it; ``lr_factor`` the poly schedule's factor of this iteration, ``lr`` the network's lr.
+    Raises :class:`TrainingDiverged` naming ``where`` and the term when the loss is not finite.
+    """
+    device, method, phase = step.device, step.run.method, step.phase
+    weighting, optimizer, scaler = phase.weighting, step.optimizer, step.scaler
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_factor
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    with autocast(device, step.run.amp_dtype):
+        t_out, bctx = method.teacher_forward(step.teacher, images, labels, step.ctx)
+        s_out = net(images)
+        terms = method.terms(images, labels, s_out, t_out, bctx)
+    total = weighting.total(terms)
+    if not torch.isfinite(total):  # the one host synchronisation of an iteration
+        raise TrainingDiverged(diverged_message(where, terms, step.cfg.amp))
+    optimizer.zero_grad(set_to_none=True)
+    # per-term gradients while the graph is alive (RGE / GradNorm; nothing for fixed weights)
+    weighting.update(plain, terms, scaler.get_scale() if scaler.is_enabled() else 1.0)
+    scaler.scale(total).backward()
+    phase.after_backward(plain, (images, labels, t_out, bctx), lr)
+    scaler.step(optimizer)
+    scaler.update()
+    weighting.after_step()
+    return terms, total
+
+
+def diverged_message(where: str, terms: Dict[str, torch.Tensor], amp: str) -> str:
+    """What went non-finite, where, and what to try."""
+    values = {k: float(v.detach()) for k, v in terms.items()}
+    bad = [k for k, v in values.items() if not torch.isfinite(torch.tensor(v))]
+    first = ", ".join(bad) if bad else "the weighted total (every term finite; a weight is not)"
+    hints = ["a lower --lr / --lr-next"]
+    if amp == "fp16":
+        hints.append("--amp bf16 or none (fp16 overflows)")
+    hints.append("--weighting fixed" if bad == [] else "fixed --term-weights for the term(s) above")
+    return (
+        f"training diverged at {where}: non-finite loss term(s) {first} "
+        f"(all terms: {', '.join(f'{k} {v:.4g}' for k, v in values.items())}); try {', or '.join(hints)}"
+    )
+
+
+class EpochMeans:
+    """Mean of every term and of the total over an epoch's iterations.
+
+    The running sums stay on the device (float64, the same values as summing Python floats):
+    no host synchronisation per term and iteration.
+    """
+
+    def __init__(self) -> None:
+        self.names: List[str] = []
+        self.sums: Optional[torch.Tensor] = None
+        self.count = 0
+
+    def add(self, terms: Dict[str, torch.Tensor], total: torch.Tensor) -> None:
+        if not self.names:
+            self.names = list(terms)
+        vals = torch.stack([terms[k].detach().double() for k in self.names] + [total.detach().double()])
+        self.sums = vals if self.sums is None else self.sums + vals
+        self.count += 1
+
+    def result(self) -> Tuple[Dict[str, float], float]:
+        """``({term: mean}, mean total)``; ``({}, 0.0)`` for an epoch without iterations."""
+        averages = (self.sums / self.count).tolist() if self.sums is not None else [0.0]
+        return dict(zip(self.names, averages[:-1])), averages[-1]
