@@ -23,9 +23,10 @@ with ``retain_graph=True``). The weights are initialised to 1 at every ``begin_s
 
 Per-term gradients (RGE and GradNorm). Term i acts on one small parameter tensor W_i (SPEC 3.1:
 the first parameter tensor of the layer the term distils; :func:`term_layer`): the ASPP output
-BatchNorm's weight for the classification terms and for the distillation terms of the maps
-after stage 3; the first parameter (first convolution) of stage k+1 for the terms of map k,
-k = 0, 1, 2. ``dL_i/dW_i`` comes from one ``torch.autograd.grad(L_i, W_i, retain_graph=True)``
+BatchNorm's weight for the classification terms and for the distillation terms of the ASPP and
+logits maps (4, 5); the first parameter (first convolution) of stage k+1 for the terms of map k,
+k = 0, 1, 2, 3 (map 3 = stage 4's output, on stage 4's first parameter as in the release).
+``dL_i/dW_i`` comes from one ``torch.autograd.grad(L_i, W_i, retain_graph=True)``
 per term: autograd runs only the part of the graph between the term and W_i (the head for the
 ASPP terms, one backbone stage for the others), never the whole network, and nothing is
 accumulated into ``.grad``. The overhead is measured in the benchmarks and the closing note.
@@ -170,14 +171,18 @@ def term_map(name: str) -> Optional[int]:
 
 def term_layer(name: str) -> Tuple[str, str]:
     """``(layer key, group)`` of a term (SPEC 3.1): ``("stage{k+1}", "B")`` for the terms of maps
-    k = 0, 1, 2; ``("aspp", "A")`` for everything else (classification terms, maps 3, 4, 5).
+    k = 0, 1, 2; ``("stage4", "A")`` for the terms of map 3 (stage 4's output: md3 = L6);
+    ``("aspp", "A")`` for everything else (classification terms, maps 4, 5).
 
-    As released, the term of map 3 (stage 4's output) is tied to the ASPP BatchNorm, which lies
-    after it: its gradient there is 0, so RGE moves its weight only through the depth hinge
-    and the renormalisation."""
+    Map 3's term acts on the first parameter of the last backbone stage, as in the release
+    (``W3 = get_layer3() = body.mod5``, stage 4, its statistic in the head group's ``norms``), and
+    stays in group A. (Tying it to the ASPP BatchNorm, which lies after stage 4, would make its
+    gradient there exactly 0.)"""
     m = term_map(name)
     if m is not None and m <= 2:
         return f"stage{m + 1}", "B"
+    if m == 3:
+        return "stage4", "A"
     if m is None and name not in HEAD_TERMS:
         raise ValueError(
             f"weighting: no layer is known for the term {name!r}; name map terms pod<k>/md<k>/mcd<k>, "
@@ -440,7 +445,8 @@ class RGE(_GradientBalance):
     Per batch (``update``), with g_i = mean(dL_i/dW_i) (a signed mean over the tensor W_i of
     :func:`term_layer`) and G_i = w_i g_i:
 
-    * r_i = (L_i / L_i(0)) / mean_{j in group(i)} (L_j / L_j(0)), groups A (head) and B (stages 1-3);
+    * r_i = (L_i / L_i(0)) / mean_{j in group(i)} (L_j / L_j(0)), groups A (the head's terms and
+      the stage-4 map's, terms 0, 1, 2, 6, 7, 8) and B (stages 1-3, terms 3, 4, 5);
     * target_i = mean_{j in group(i)} G_j * r_i ** alpha (a constant);
     * L_RGE = 10 * sum_i |G_i - target_i| + gamma * |w_ce - (|C^t| / O) * w_unkd|
       + beta * sum_k max(0, 1.25 * w_{map k} - w_{map k+1}) over the POD/MD terms of

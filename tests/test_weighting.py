@@ -14,14 +14,16 @@ NAMES = ["ce", "mcd", "unkd", "pod0", "pod1", "md2", "md3", "md4", "md5"]
 
 
 def test_released_term_layers():
-    """SPEC 3.1: ASPP output norm for terms 0, 1, 2, 6, 7, 8; stages 1, 2, 3 for terms 3, 4, 5."""
+    """SPEC 3.1: ASPP output norm for terms 0, 1, 2, 7, 8; stages 1, 2, 3 for terms 3, 4, 5 (group B);
+    stage 4 for term 6 (md3, the stage-4 map), kept in group A (the release's W3 = mod5)."""
     got = {n: term_layer(n) for n in NAMES}
     assert got == {
         "ce": ("aspp", "A"), "mcd": ("aspp", "A"), "unkd": ("aspp", "A"),
         "pod0": ("stage1", "B"), "pod1": ("stage2", "B"), "md2": ("stage3", "B"),
-        "md3": ("aspp", "A"), "md4": ("aspp", "A"), "md5": ("aspp", "A"),
+        "md3": ("stage4", "A"), "md4": ("aspp", "A"), "md5": ("aspp", "A"),
     }
     assert term_layer("mcd0") == ("stage1", "B") and term_layer("pod5") == ("aspp", "A")
+    assert term_layer("pod3") == term_layer("mcd3") == ("stage4", "A")
     with pytest.raises(ValueError, match="'foo'"):
         term_layer("foo")
 
@@ -37,8 +39,7 @@ def test_deeplab_layers_are_the_first_parameters():
 
 
 class Toy:
-    """One parameter tensor per layer key; term i = k_i * ||W_i - c_i||^2 + 0.5 on its own layer
-    (md3 acts on "stage4", so, as released, it has no gradient on its RGE layer "aspp")."""
+    """One parameter tensor per layer key; term i = k_i * ||W_i - c_i||^2 + 0.5 on its own RGE layer."""
 
     def __init__(self, seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
@@ -49,15 +50,13 @@ class Toy:
 
     @staticmethod
     def key(name: str) -> str:
-        return "stage4" if name == "md3" else term_layer(name)[0]
+        return term_layer(name)[0]
 
     def terms(self, shift: float = 0.0):
         return {n: self.k[n] * ((self.layers[self.key(n)] - self.c[n] - shift) ** 2).sum() + 0.5 for n in NAMES}
 
     def grad(self, name: str, shift: float = 0.0) -> torch.Tensor:
-        """d term / d W of the term's RGE layer (0 for md3), by hand."""
-        if name == "md3":
-            return torch.zeros(5, dtype=torch.float64)
+        """d term / d W of the term's RGE layer, by hand."""
         return 2 * self.k[name] * (self.layers[self.key(name)].detach() - self.c[name] - shift)
 
 
@@ -102,7 +101,7 @@ def test_rge_update_equals_hand_computed_step():
         if 1.25 * w[a].item() - w[b].item() > 0:
             want[a] += 1e-4 * 1.25
             want[b] -= 1e-4
-    assert g[6] == 0.0  # md3 has no gradient on the ASPP norm (as released)
+    assert g[6] != 0.0  # md3 acts on stage 4's first parameter (group A), where it has a gradient
     torch.testing.assert_close(rge.w.grad.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-9)
     # L(0) stays frozen after epoch 0
     assert rge.loss0.tolist() == pytest.approx(loss0)
@@ -188,8 +187,8 @@ def test_total_is_the_weighted_sum():
     assert f.weights()["unkd"] == 0.5 and f.weights()["ce"] == 1.0
 
 
-def test_rge_on_deeplab_terms_of_a_real_batch():
-    """Per-term gradients on the real model: every term but md3 reaches its layer; the update is finite."""
+def _lskd_batch_terms():
+    """A tiny lskd DeepLabV3 student (step 1: O = 3, one new class) and LSKD's nine terms on one batch."""
     from lskd.methods import LSKD, StepContext
 
     torch.manual_seed(0)
@@ -204,11 +203,34 @@ def test_rge_on_deeplab_terms_of_a_real_batch():
     method.labeler.thresholds = torch.full((3,), 1.01)  # every background pixel pseudo-labelled
     t_out, bctx = method.teacher_forward(teacher, images, labels, ctx)
     terms = method.terms(images, labels, student(images), t_out, bctx)
+    return student, terms, ctx
+
+
+def test_rge_md3_acts_on_the_first_parameter_of_stage4():
+    """md3 (L6, the stage-4 map's term): RGE's layer is stage 4's first parameter (group A), and its
+    gradient statistic is non-zero (on the ASPP norm, after stage 4, it was exactly 0)."""
+    student, terms, ctx = _lskd_batch_terms()
+    rge = RGE()
+    rge.begin_step(list(terms), ctx)
+    assert rge.layer_of("md3") == ("stage4", "A")
+    assert deeplab_layers(student)["stage4"] is next(student.backbone.layer4.parameters())
+    i = NAMES.index("md3")
+    assert i in [grp for grp in rge.groups() if 0 in grp][0]  # same group as ce (A)
+    grad = rge.term_gradients(student, terms)[i]
+    assert grad is not None and grad.shape == next(student.backbone.layer4.parameters()).shape
+    rge.update(student, terms)
+    g = rge.trace[-1]["g"][i]  # g_i = mean(dL_i/dW_i); G_i = w_i g_i with w_i = 1 here
+    assert g != 0.0 and g == pytest.approx(float(grad.double().mean()))
+
+
+def test_rge_on_deeplab_terms_of_a_real_batch():
+    """Per-term gradients on the real model: every term reaches its layer; the update is finite."""
+    student, terms, ctx = _lskd_batch_terms()
     assert list(terms) == NAMES and float(terms["ce"].detach()) > 0
     rge = RGE()
     rge.begin_step(list(terms), ctx)
     grads = rge.term_gradients(student, terms)
-    assert [g is None or float(g.abs().sum()) == 0.0 for g in grads] == [n == "md3" for n in NAMES]
+    assert all(g is not None and float(g.abs().sum()) > 0.0 for g in grads)
     rge.update(student, terms)
     assert rge.w.grad is not None and bool(torch.isfinite(rge.w.grad).all())
     assert all(p.grad is None for p in student.parameters())  # nothing accumulated into the network
