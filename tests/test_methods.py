@@ -25,6 +25,7 @@ from lskd.methods import (
     unbiased_cross_entropy,
     unbiased_kd,
 )
+from lskd.methods.plop import EntropyPseudoLabeler, released_histogram_threshold
 from lskd.models import DeepLabV3
 
 OLD, NEW, SIZE = 3, 2, 64
@@ -164,7 +165,33 @@ def test_unce_hand_computed():
         -(z[2, 3].item() - lse(z[2].tolist())),  # label 3, new
     ]
     got = unbiased_cross_entropy(logits, labels, old)
+    assert math.isclose(float(got), sum(want) / 4, rel_tol=1e-5)  # as released: / all 4 pixels
+    got = unbiased_cross_entropy(logits, labels, old, mean_over="valid")
     assert math.isclose(float(got), sum(want) / 3, rel_tol=1e-5)
+
+
+def test_unce_averages_over_all_pixels_as_released():
+    """MiB/PLOP/LSKD's release: nll_loss(reduction='none') gives 0 at ignored pixels, then .mean()
+    over ALL N*H*W pixels (LSKD train.py:46, 52-53, 400, 412; utils/loss.py:166)."""
+    # N = 2 images of 1 x 3 pixels, K = 3 (O = 2: bg + one old class, one new class 2)
+    z = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 0.0, 0.0], [3.0, 3.0, 3.0]],
+                      [[2.0, -1.0, 0.0], [0.5, 0.5, 0.5], [-2.0, 4.0, 1.0]]])  # [N, pixels, K]
+    logits = z.permute(0, 2, 1).reshape(2, 3, 1, 3)
+    labels = torch.tensor([[[0, 255, 2]], [[255, 1, 255]]])
+
+    def nll(v: torch.Tensor, y: int) -> float:
+        lse = math.log(sum(math.exp(a) for a in v.tolist()))
+        top = math.log(math.exp(v[0]) + math.exp(v[1])) if y < 2 else v[2].item()  # bg = bg OR old
+        return lse - top
+
+    # valid pixels: (0, 0) label 0, (0, 2) label 2, (1, 1) label 1 -> bg; the three 255 count as 0
+    total = nll(z[0, 0], 0) + nll(z[0, 2], 2) + nll(z[1, 1], 1)
+    assert float(unbiased_cross_entropy(logits, labels, 2)) == pytest.approx(total / 6, rel=1e-6)
+    assert float(unbiased_cross_entropy(logits, labels, 2, mean_over="valid")) == pytest.approx(total / 3, rel=1e-6)
+    assert float(unbiased_cross_entropy(logits, torch.full_like(labels, 255), 2)) == 0.0
+    with pytest.raises(ValueError, match="mean_over"):
+        unbiased_cross_entropy(logits, labels, 2, mean_over="pixels")
+    assert MiB().mean_over == "all" and MiB(mean_over="valid").mean_over == "valid"
 
 
 def test_unkd_hand_computed():
@@ -215,6 +242,113 @@ def test_histogram_median():
     hist = torch.tensor([[0, 4, 4, 0], [0, 0, 0, 0], [2, 0, 0, 2], [1, 0, 0, 0]])
     med = histogram_median(hist)
     assert med.tolist() == pytest.approx([0.5, 0.0, 0.25, 0.125])
+
+
+def test_released_histogram_threshold_hand_made():
+    """The release's find_median adds the bin INDEX to its running sum (not the bin's count)."""
+    hist = torch.tensor([
+        [3, 1, 2, 4],  # total 10, half 5; running sums (indices) 0, 0, 1, 3 -> breaks at bin 3
+                       # (5 <= 3 + 4): 0.75 + (5 - 3) / 4 * 0.25 = 0.875; exact median 0.625
+        [5, 5, 5, 0],  # half 7.5 never <= sum + count -> loop ends at bin 3 (count 0), running sum
+                       # 0+1+2+3 = 6: 0.75 + (7.5 - 6) / 0 * 0.25 = inf (every pixel accepted); median 0.375
+        [0, 0, 0, 1],  # half 0.5 < running sum from bin 2 on -> ends with sum 6: 0.75 + (0.5 - 6) / 1 * 0.25
+                       # = -0.625 (below any floor); median 0.875
+        [4, 0, 0, 0],  # half 2 <= 0 + 4 at bin 0: 0 + 2 / 4 * 0.25 = 0.125 = the median
+        [0, 0, 0, 0],  # no count: 0
+    ])
+    got = released_histogram_threshold(hist)
+    assert got.dtype == torch.float32 and got.shape == (5,)
+    assert got.tolist() == [0.875, math.inf, -0.625, 0.125, 0.0]
+    assert histogram_median(hist).tolist() == pytest.approx([0.625, 0.375, 0.875, 0.125, 0.0])
+    # 100 bins (the release's count): 28/100*100 == 28.000000000000004 is added at bin 28, and at
+    # i = 29 the release reads bin int(0.29 * 100) = 28 again. Counts: 10 in bin 28, 810 in bin 99;
+    # half = 410. Bins 0..27 are empty (sums 0..351 + 0 < 410); at bin 28: 410 <= 378 + 10? no;
+    # at i = 29: 410 >= 406 and 410 <= 406 + hist[28] = 416 -> 0.29 + (410 - 406) / 10 * 0.01 = 0.294.
+    h = torch.zeros(1, 100, dtype=torch.long)
+    h[0, 28], h[0, 99] = 10, 810
+    assert released_histogram_threshold(h).item() == pytest.approx(0.294, abs=1e-6)
+    assert histogram_median(h).item() == pytest.approx(0.99 + 400 / 810 * 0.01, abs=1e-6)
+
+
+def _released_walk(row: torch.Tensor) -> float:
+    """The released find_median walk on one histogram row, one bin at a time, with its dtypes
+    (Python float running sum, int64 counts, float32 half)."""
+    bins, total = row.numel(), row.sum()
+    if total <= 0:
+        return 0.0
+    half, run = total / 2, 0.0
+    for i in range(bins):
+        border = i / bins
+        b = int(border * bins)
+        if half >= run and half <= run + row[b]:
+            break
+        run += border * bins
+    return float(border + ((half - run) / row[b]) * (1 / bins))
+
+
+def test_released_histogram_threshold_equals_the_released_walk():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(24):
+        bins = (4, 20, 100, 1000)[trial % 4]
+        hist = torch.randint(0, 50, (3, bins), generator=g)
+        if trial % 3 == 1:  # sparse, large counts (most rows run to the end)
+            hist = hist * (torch.rand(3, bins, generator=g) < 0.1) * 2000
+        elif trial % 3 == 2:  # a few heavy bins (most rows stop early)
+            hist = (hist >= 47) * torch.randint(1, 10**7, (3, bins), generator=g)
+        got = released_histogram_threshold(hist).tolist()
+        want = [_released_walk(row) for row in hist]
+        assert got == pytest.approx(want, rel=0, abs=0, nan_ok=True), (trial, got, want)
+
+
+def test_pseudo_threshold_option(nets):
+    teacher, _ = nets
+    data = [_batch(2, seed=s) for s in range(2)]
+    released = EntropyPseudoLabeler(pseudo_threshold="released")
+    assert released.bins == 100  # the release's entropy histogram
+    released.prepare(teacher, data, OLD)
+    want = released_histogram_threshold(released.histogram).clamp(min=0.001)
+    torch.testing.assert_close(released.thresholds, want, equal_nan=True)
+    median = EntropyPseudoLabeler()
+    assert median.bins == 1000 and median.pseudo_threshold == "median"
+    assert PLOP(pseudo_threshold="released").labeler.pseudo_threshold == "released"
+    assert PLOP().labeler.pseudo_threshold == "median"
+    with pytest.raises(ValueError, match="pseudo_threshold"):
+        EntropyPseudoLabeler(pseudo_threshold="mean")
+
+
+def test_statistics_hooks_default():
+    for method in (Finetune(), MiB()):
+        assert method.reset_statistics() is None and method.step_statistics() == {}
+
+
+def test_plop_step_statistics(nets):
+    """pseudo_accepted = accepted / eligible background pixels over the step; adaptive_factor =
+    mean over images of PLOP's per-image factor; reset_statistics clears them."""
+    teacher, student = nets
+    method = PLOP()
+    assert method.step_statistics() == {}
+    data = [_batch(2, seed=s) for s in range(3)]
+    method.prepare_step(teacher, data, CTX)  # median thresholds: about half of each class accepted
+    method.reset_statistics()
+    accepted = eligible = 0
+    factors = []
+    with torch.no_grad():
+        for images, labels in data:
+            terms = _run(method, teacher, student, images, labels)
+            assert torch.isfinite(terms["ce"])
+            targets, factor = pseudo_label(labels, teacher(images).logits, method.thresholds, OLD)
+            bg = labels < OLD  # label 0 of the step's labels (pixels eligible for pseudo-labels)
+            accepted += int((bg & (targets != 255)).sum())
+            eligible += int(bg.sum())
+            factors += factor.tolist()
+    stats = method.step_statistics()
+    assert set(stats) == {"pseudo_accepted", "adaptive_factor"}
+    assert 0 < accepted < eligible
+    assert stats["pseudo_accepted"] == pytest.approx(accepted / eligible, rel=1e-6)
+    assert stats["adaptive_factor"] == pytest.approx(sum(factors) / len(factors), rel=1e-6)
+    assert all(0.0 <= v <= 1.0 for v in stats.values())
+    method.reset_statistics()
+    assert method.step_statistics() == {}
 
 
 def test_plop_thresholds_match_exact_median(nets):
@@ -299,7 +433,8 @@ def test_lskd_masks_one_3n_pass_equal_three_passes(nets):
         if ca is not None:
             assert torch.equal(ca, cb), m
         assert sa.dtype == torch.bool and sa.shape == (3, 1, *fused[0].maps[m].shape[-2:])
-    # teacher_forward hands the erased outputs on, and a run_teacher callable gives the same terms
+    # teacher_forward hands the erased outputs on (erased by the pseudo-labels: thresholds first)
+    method.prepare_step(teacher, [(images, labels)], CTX)
     t_out, bctx = method.teacher_forward(teacher, images, labels, CTX)
     assert bctx.teacher_erased is not None and CTX.teacher_erased is None
     torch.testing.assert_close(t_out.logits, fused[0].logits, atol=1e-5, rtol=1e-5)

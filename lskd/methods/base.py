@@ -21,6 +21,7 @@ At step 0 (or without a teacher) every method returns ``{"ce": CE}``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
@@ -178,6 +179,22 @@ class Method:
     ) -> None:
         """Once per step, before training (default: nothing; ``batches`` is not consumed)."""
 
+    def reset_statistics(self) -> None:
+        """Called by the trainer at the start of each epoch: clear the statistics (default: none
+        to clear)."""
+
+    def step_statistics(self) -> Dict[str, float]:
+        """Read by the trainer at the end of each epoch: ``{name: value}`` of the statistics
+        gathered since :meth:`reset_statistics` on this process (default: none, ``{}``). The
+        trainer averages them over the ranks, records them per epoch in history.json and their
+        mean over the step's epochs in summary.json."""
+        return {}
+
+    def statistics_paused(self) -> contextlib.AbstractContextManager:
+        """A context in which the method's terms leave its statistics as they are (the search's
+        evaluations on held-out batches are not training batches)."""
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def teacher_forward(
         self,
@@ -203,9 +220,11 @@ class Method:
         ctx: StepContext,
     ) -> Dict[str, torch.Tensor]:
         """Named, unweighted loss terms of one batch. Step 0 (or no teacher) is plain
-        cross-entropy; later steps call :meth:`incremental_terms` with the teacher's outputs."""
+        cross-entropy, averaged over all pixels with ignored ones counting 0 as in the release
+        (``reduction='none'`` then ``.mean()``); later steps call :meth:`incremental_terms` with
+        the teacher's outputs."""
         if not ctx.incremental:
-            return {"ce": cross_entropy(student_out.logits, labels, self.ignore_index)}
+            return {"ce": cross_entropy(student_out.logits, labels, self.ignore_index, mean_over="all")}
         if self.needs_teacher:
             self._check_teacher(teacher_out, ctx)
         return self.incremental_terms(images, labels, student_out, teacher_out, ctx)
@@ -218,8 +237,8 @@ class Method:
         teacher_out: SegOutput,
         ctx: StepContext,
     ) -> Dict[str, torch.Tensor]:
-        """The terms of a step t > 0 (default: cross-entropy only, as fine-tuning)."""
-        return {"ce": cross_entropy(student_out.logits, labels, self.ignore_index)}
+        """The terms of a step t > 0 (default: cross-entropy only, as fine-tuning; over all pixels)."""
+        return {"ce": cross_entropy(student_out.logits, labels, self.ignore_index, mean_over="all")}
 
     def _check_teacher(self, teacher_out: Optional[SegOutput], ctx: StepContext) -> None:
         if teacher_out is None:

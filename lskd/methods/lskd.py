@@ -25,16 +25,28 @@ and ``mcd{l}`` elsewhere); ``"none"`` -> nothing. Factors per map are data too
 per channel.
 
 MD masks (:func:`lskd.md_masks`, SPEC 2.3) per masked map come from the teacher's maps on
-three images: the input (A), the input with background/old pixels (label < O) set to 0
-in the normalised image (Cb) and the input with new pixels (O <= label != 255) set to 0
-(Dn). :meth:`LSKD.teacher_forward` runs the teacher ONCE on the 3N batch
-``cat([A, Cb, Dn])`` under no_grad (the teacher is in eval mode, so this equals three
-passes) and hands the Cb/Dn outputs on in ``ctx.teacher_erased``. md_masks takes the
-labels at their own resolution (rho from the full-size labels).
+three images: the input (A), the input with background/old pixels set to 0 in the
+normalised image (Cb) and the input with new pixels set to 0 (Dn). As released, both the
+erasure and ``rho_old = |{y < O}| / |y|``, ``rho_new = |{O <= y != 255}| / |y|`` (|y| = every
+label pixel, 255 included; md_masks at the labels' own resolution) use the labels AFTER
+PLOP's entropy pseudo-labelling (release ``train.py`` 257-325 pseudo-labels ``labels`` in
+place, 326-331 erases from them, 494 passes them to ``features_distillation``, whose
+``sigmoid == "whc"`` branch, 1207-1214, counts ``ratio = num / h / w``): accepted
+background pixels (teacher's old class, < O) are erased in Cb, new pixels in Dn, and
+background pixels rejected by the entropy rule (255) in neither. The pseudo-labels of a
+batch are computed once (:meth:`LSKD.pseudo_labels`, kept in ``ctx.cache``) and serve the
+CE term and the masks alike.
+
+Since the pseudo-labels need the teacher's output on A, :meth:`LSKD.teacher_forward` runs
+the teacher (under no_grad, eval mode) on A first (N images), pseudo-labels, then on
+``cat([Cb, Dn])`` as one 2N batch (``fused_teacher``; two N passes otherwise), and hands
+the Cb/Dn outputs on in ``ctx.teacher_erased``. The teacher computes on the same 3N images
+as one 3N batch would, but in two launches (its peak activation memory is that of 2N
+images); the release runs four N passes, A twice (``train.py`` 253 and 334-338).
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -46,12 +58,13 @@ from .base import (
     IGNORE_INDEX,
     Method,
     StepContext,
+    cross_entropy,
     distilled_maps,
     pod_scales,
     upsample_logits,
 )
 from .mib import unbiased_kd
-from .plop import EntropyPseudoLabeler, pseudo_labelled_ce
+from .plop import EntropyPseudoLabeler, PseudoLabelStatistics
 
 __all__ = [
     "SCHEMES",
@@ -61,6 +74,7 @@ __all__ = [
     "MAP_NAMES",
     "erase_images",
     "split_output",
+    "teacher_erased",
     "teacher_triplet",
     "LSKD",
 ]
@@ -74,6 +88,8 @@ RELEASED_SCHEMES: Dict[int, str] = {0: "pod", 1: "pod", 2: "md", 3: "md", 4: "md
 #: Base factors of the POD/MD term of each map (L3..L8).
 RELEASED_MAP_FACTORS: Dict[int, float] = {0: 0.01, 1: 0.01, 2: 0.01, 3: 0.01, 4: 0.01, 5: 0.0005}
 LOGITS_MAP = 5
+#: ``ctx.cache`` key of the batch's ``(pseudo-labels [N, Hl, Wl], adaptive factor [N])``.
+PSEUDO_KEY = "pseudo_labels"
 #: Names of the six distilled maps (SPEC 1), as reported in summaries ("schemes").
 MAP_NAMES: Tuple[str, ...] = ("stage1", "stage2", "stage3", "stage4", "aspp", "logits")
 
@@ -84,7 +100,8 @@ def erase_images(
     """``images [N, 3, H, W]``, ``labels [N, Hl, Wl]`` -> ``(bg_erased, new_erased)``, each ``[N, 3, H, W]``.
 
     bg_erased: pixels with label < O set to 0 (in the normalised image); new_erased: pixels
-    with O <= label != ignore set to 0. Labels of another size are resized by nearest.
+    with O <= label != ignore set to 0; ignored pixels in neither. LSKD passes the
+    pseudo-labelled labels (module doc). Labels of another size are resized by nearest.
     """
     if labels.shape[-2:] != images.shape[-2:]:
         labels = F.interpolate(labels[:, None].float(), size=images.shape[-2:], mode="nearest")[:, 0].long()
@@ -102,6 +119,28 @@ def split_output(out: SegOutput, parts: int) -> List[SegOutput]:
 
 
 @torch.no_grad()
+def teacher_erased(
+    teacher: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    old_classes: int,
+    fused: bool = True,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tuple[SegOutput, SegOutput]:
+    """Teacher outputs on the two erased inputs of ``images [N, 3, H, W]``, erased by ``labels
+    [N, Hl, Wl]`` (:func:`erase_images`; LSKD: the pseudo-labels): ``(Cb, Dn)``, one 2N pass
+    when ``fused``, two N passes otherwise."""
+    bg_erased, new_erased = erase_images(images, labels, old_classes, ignore_index)
+    if fused:
+        cb, dn = split_output(teacher(torch.cat([bg_erased, new_erased], dim=0)), 2)
+        return cb, dn
+    return teacher(bg_erased), teacher(new_erased)
+
+
+Relabel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
 def teacher_triplet(
     teacher: nn.Module,
     images: torch.Tensor,
@@ -109,16 +148,27 @@ def teacher_triplet(
     old_classes: int,
     fused: bool = True,
     ignore_index: int = IGNORE_INDEX,
+    relabel: Optional[Relabel] = None,
 ) -> Tuple[SegOutput, SegOutput, SegOutput]:
-    """Teacher outputs on (input, bg/old-erased input, new-erased input); one 3N pass when ``fused``."""
-    bg_erased, new_erased = erase_images(images, labels, old_classes, ignore_index)
-    if fused:
-        a, cb, dn = split_output(teacher(torch.cat([images, bg_erased, new_erased], dim=0)), 3)
+    """Teacher outputs on (input A, bg/old-erased Cb, new-erased Dn) of ``images [N, 3, H, W]``.
+
+    relabel: ``(labels [N, Hl, Wl], teacher logits on A [N, O, h, w]) -> [N, Hl, Wl]``, the
+        labels that decide the erasure (LSKD: the entropy pseudo-labels). With it, A runs first
+        and then Cb/Dn (:func:`teacher_erased`: one 2N pass when ``fused``). Without it
+        ``labels`` decide as given and the three inputs run as one 3N pass when ``fused``.
+    """
+    if relabel is not None:
+        a = teacher(images)
+        cb, dn = teacher_erased(teacher, images, relabel(labels, a.logits), old_classes, fused, ignore_index)
         return a, cb, dn
-    return teacher(images), teacher(bg_erased), teacher(new_erased)
+    if not fused:
+        return (teacher(images), *teacher_erased(teacher, images, labels, old_classes, False, ignore_index))
+    bg_erased, new_erased = erase_images(images, labels, old_classes, ignore_index)
+    a, cb, dn = split_output(teacher(torch.cat([images, bg_erased, new_erased], dim=0)), 3)
+    return a, cb, dn
 
 
-class LSKD(Method):
+class LSKD(PseudoLabelStatistics, Method):
     """LSKD's objective (module doc). ``terms`` returns the nine named terms of SPEC 3.
 
     Args:
@@ -129,8 +179,12 @@ class LSKD(Method):
         mcd_groups, mcd_window, mcd_stride: sop_distill parameters (20, 5, 2 as released).
         scales: Local POD scales (those larger than a map are dropped for that map).
         logits_channel_mask: apply Nc on the logits map too (False: M only, as released).
-        fused_teacher: run the three teacher inputs as one 3N batch (True) or three passes.
-        bins, min_threshold: pseudo-labelling histogram bins and entropy floor.
+        fused_teacher: run the two erased teacher inputs as one 2N batch (True) or two passes
+            (the plain input always runs first, alone: the erasure needs its pseudo-labels).
+        bins, min_threshold: pseudo-labelling histogram bins (default: the threshold rule's) and
+            entropy floor.
+        pseudo_threshold: "median" (the exact per-class median, as the papers describe; default)
+            or "released" (the release's histogram rule, see :func:`lskd.methods.plop.released_histogram_threshold`).
     """
 
     name = "lskd"
@@ -150,10 +204,11 @@ class LSKD(Method):
         scales: Sequence[int] = (1, 2, 4),
         logits_channel_mask: bool = False,
         fused_teacher: bool = True,
-        bins: int = 1000,
+        bins: Optional[int] = None,
         min_threshold: float = 0.001,
         ignore_index: int = IGNORE_INDEX,
         backend: str = "auto",
+        pseudo_threshold: str = "median",
     ) -> None:
         self.schemes: Dict[int, str] = dict(RELEASED_SCHEMES if schemes is None else schemes)
         self.check_schemes(self.schemes)
@@ -168,7 +223,7 @@ class LSKD(Method):
         self.scales = tuple(scales)
         self.logits_channel_mask = logits_channel_mask
         self.fused_teacher = fused_teacher
-        self.labeler = EntropyPseudoLabeler(bins, min_threshold, ignore_index)
+        self.labeler = EntropyPseudoLabeler(bins, min_threshold, ignore_index, pseudo_threshold)
         self.ignore_index = ignore_index
         self.backend = backend
 
@@ -233,14 +288,35 @@ class LSKD(Method):
         labels: torch.Tensor,
         ctx: StepContext,
     ) -> Tuple[Optional[SegOutput], StepContext]:
+        """Teacher on ``images [N, 3, H, W]``, then (masked maps only) pseudo-labels of ``labels
+        [N, H, W]`` and the teacher on the erased pair (2N). Returns ``(out on A, batch ctx)``, the
+        batch ctx with a fresh ``cache`` (pseudo-labels) and ``teacher_erased`` = (Cb, Dn)."""
         if teacher is None or not ctx.incremental:
             return None, ctx
+        bctx = ctx.replace(teacher_erased=None, cache={})
+        a = teacher(images)
         if not self.masked_maps():
-            return teacher(images), ctx
-        a, cb, dn = teacher_triplet(teacher, images, labels, ctx.old_classes, self.fused_teacher, self.ignore_index)
-        return a, ctx.replace(teacher_erased=(cb, dn), cache={})
+            return a, bctx
+        pseudo, _ = self.pseudo_labels(labels, a.logits, bctx)
+        erased = teacher_erased(teacher, images, pseudo, ctx.old_classes, self.fused_teacher, self.ignore_index)
+        return a, bctx.replace(teacher_erased=erased)
 
-    def _erased(self, images: torch.Tensor, labels: torch.Tensor, ctx: StepContext) -> Tuple[SegOutput, SegOutput]:
+    def pseudo_labels(
+        self, labels: torch.Tensor, teacher_logits: torch.Tensor, ctx: StepContext
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(targets [N, H, W] int64, adaptive factor [N])`` of ``labels [N, H, W]`` from the
+        teacher's logits on the plain input (``self.labeler``); computed once per batch and kept
+        in ``ctx.cache`` (when there is one), so the CE term and the MD masks share them."""
+        if ctx.cache is not None and PSEUDO_KEY in ctx.cache:
+            return ctx.cache[PSEUDO_KEY]
+        out = self.labeler(labels, teacher_logits, ctx.old_classes)
+        if ctx.cache is not None:
+            ctx.cache[PSEUDO_KEY] = out
+        return out
+
+    def _erased(self, images: torch.Tensor, pseudo: torch.Tensor, ctx: StepContext) -> Tuple[SegOutput, SegOutput]:
+        """(Cb, Dn) teacher outputs: from ``ctx.teacher_erased`` or, erased by the pseudo-labels
+        ``pseudo [N, H, W]``, one 2N pass of ``ctx.run_teacher``."""
         if ctx.teacher_erased is not None:
             return ctx.teacher_erased
         if ctx.run_teacher is None:
@@ -248,10 +324,7 @@ class LSKD(Method):
                 "lskd: the MD masks need the teacher's outputs on the erased images: use "
                 "LSKD.teacher_forward, or give ctx.teacher_erased or ctx.run_teacher"
             )
-        bg_erased, new_erased = erase_images(images, labels, ctx.old_classes, self.ignore_index)
-        with torch.no_grad():
-            cb, dn = split_output(ctx.run_teacher(torch.cat([bg_erased, new_erased], dim=0)), 2)
-        return cb, dn
+        return teacher_erased(ctx.run_teacher, images, pseudo, ctx.old_classes, True, self.ignore_index)
 
     @torch.no_grad()
     def masks(
@@ -263,7 +336,8 @@ class LSKD(Method):
         old_classes: int,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """MD masks of one map: ``(spatial [N, 1, h, w] bool, channel [N, C] bool or None)``
-        (channel None on the logits map unless ``logits_channel_mask``)."""
+        (channel None on the logits map unless ``logits_channel_mask``). ``labels [N, H, W]``
+        decide rho: LSKD passes the pseudo-labels (module doc)."""
         cb, dn = teacher_erased
         spatial, channel = ops.md_masks(
             teacher_out.maps[map_index],
@@ -328,8 +402,10 @@ class LSKD(Method):
         ctx: StepContext,
     ) -> Dict[str, torch.Tensor]:
         o = ctx.old_classes
-        size = labels.shape[-2:]
-        erased = self._erased(images, labels, ctx) if self.masked_maps() else None
+        if ctx.cache is None:  # one batch: the CE term and the masks share one pseudo-labelling
+            ctx = ctx.replace(cache={})
+        pseudo = self.pseudo_labels(labels, teacher_out.logits, ctx)[0]
+        erased = self._erased(images, pseudo, ctx) if self.masked_maps() else None
         specs: List[Tuple[str, float, ops.Term]] = []
         for m in self._maps():
             scheme = self.schemes[m]
@@ -340,7 +416,7 @@ class LSKD(Method):
                 if ctx.cache is not None and key in ctx.cache:
                     spatial, channel = ctx.cache[key]
                 else:
-                    spatial, channel = self.masks(m, teacher_out, erased, labels, o)
+                    spatial, channel = self.masks(m, teacher_out, erased, pseudo, o)
                     if ctx.cache is not None:
                         ctx.cache[key] = (spatial, channel)
             specs += self.map_terms(m, scheme, s_map, t_map, spatial, channel)
@@ -356,10 +432,14 @@ class LSKD(Method):
         self, labels: torch.Tensor, student_out: SegOutput, teacher_out: SegOutput, ctx: StepContext
     ) -> Dict[str, torch.Tensor]:
         """``{"ce": pseudo-labelled CE x adaptive factor, "unkd": 10 * UNKD}`` of a step t > 0 (the
-        terms without distillation maps; also the search's upper-level objective, SPEC 3.2)."""
-        o = ctx.old_classes
+        terms without distillation maps; also the search's upper-level objective, SPEC 3.2).
+        The CE is PLOP's (:func:`lskd.methods.plop.pseudo_labelled_ce`) on the batch's cached
+        pseudo-labels (:meth:`pseudo_labels`)."""
         size = labels.shape[-2:]
-        ce = pseudo_labelled_ce(self.labeler, labels, student_out.logits, teacher_out.logits, o)
+        targets, factor = self.pseudo_labels(labels, teacher_out.logits, ctx)
+        ce = cross_entropy(
+            student_out.logits, targets, self.labeler.ignore_index, pixel_weight=factor[:, None, None], mean_over="all"
+        )
         s_logits = upsample_logits(student_out.logits, size)
         t_logits = upsample_logits(teacher_out.logits, size)
         return {"ce": ce, "unkd": self.unkd_factor * unbiased_kd(s_logits, t_logits)}

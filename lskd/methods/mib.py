@@ -3,7 +3,9 @@
 Both losses model the background shift: at step t the student's background at a pixel
 labelled 0 may be an old class (UNCE merges background and old classes), and the
 teacher's background may be a new class (UNKD merges background and new classes).
-:func:`unbiased_kd` is reused by LSKD (L2 = 10 * UNKD, SPEC 3).
+:func:`unbiased_kd` is reused by LSKD (L2 = 10 * UNKD, SPEC 3). UNCE averages over ALL pixels,
+ignored ones counting as 0, as the released code does (``mean_over="valid"``: over the
+non-ignored pixels).
 """
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ import torch.nn.functional as F
 from ..models.deeplab import SegOutput
 from .base import IGNORE_INDEX, Method, StepContext, to_acc, upsample_logits
 
-__all__ = ["unbiased_cross_entropy", "unbiased_kd", "MiB"]
+__all__ = ["MEAN_OVER", "unbiased_cross_entropy", "unbiased_kd", "MiB"]
+
+
+MEAN_OVER = ("all", "valid")
 
 
 def unbiased_cross_entropy(
@@ -23,6 +28,7 @@ def unbiased_cross_entropy(
     labels: torch.Tensor,
     old_classes: int,
     ignore_index: int = IGNORE_INDEX,
+    mean_over: str = "all",
 ) -> torch.Tensor:
     """UNCE: cross-entropy where the background probability is that of background OR an old class.
 
@@ -30,15 +36,25 @@ def unbiased_cross_entropy(
         logits: student logits ``[N, K, H, W]`` (upsampled bilinearly to the labels if smaller).
         labels: ``[N, H, W]`` int64; values < O count as background, ``ignore_index`` is ignored.
         old_classes: O (>= 1).
+        mean_over: ``"all"`` (default, as released): the sum of ``-log q(y)`` over the non-ignored
+            pixels divided by ALL N*H*W pixels (ignored pixels count as 0); ``"valid"``: divided by
+            the number of non-ignored pixels (0 when none is valid, never NaN).
 
     Returns:
-        ``mean over non-ignored pixels of -log q(y)`` with ``log q(bg) = logsumexp(z[:O]) -
-        logsumexp(z)`` for y < O and ``log q(c) = z_c - logsumexp(z)`` for y >= O (0 when no
-        pixel is valid).
+        a scalar: ``-log q(y)`` per pixel with ``log q(bg) = logsumexp(z[:O]) - logsumexp(z)`` for
+        y < O and ``log q(c) = z_c - logsumexp(z)`` for y >= O, averaged as ``mean_over`` says.
+
+    The release (MiB's, PLOP's and LSKD's code) builds ``UnbiasedCrossEntropy(reduction='none')``
+    (LSKD ``train.py`` l. 46 and 52-53): ``F.nll_loss(..., ignore_index=255, reduction='none')``
+    (``utils/loss.py`` l. 166) is 0 at ignored pixels, and the trainer then takes ``loss.mean()``
+    over every pixel (``train.py`` l. 412). The papers do not state the normalisation; the default
+    follows the release.
     """
     logits = to_acc(upsample_logits(logits, labels.shape[-2:]))
     if not 1 <= old_classes <= logits.shape[1]:
         raise ValueError(f"unbiased_cross_entropy: old_classes must be in [1, {logits.shape[1]}], got {old_classes}")
+    if mean_over not in MEAN_OVER:
+        raise ValueError(f"unbiased_cross_entropy: mean_over must be one of {MEAN_OVER}, got {mean_over!r}")
     den = torch.logsumexp(logits, dim=1, keepdim=True)
     log_bg = torch.logsumexp(logits[:, :old_classes], dim=1, keepdim=True) - den
     log_probs = torch.cat([log_bg, logits[:, old_classes:] - den], dim=1)  # [N, 1 + K - O, H, W]
@@ -46,6 +62,8 @@ def unbiased_cross_entropy(
     targets = torch.where(labels < old_classes, torch.zeros_like(labels), labels - old_classes + 1)
     targets = torch.where(valid, targets, torch.full_like(labels, ignore_index))
     loss = F.nll_loss(log_probs, targets, ignore_index=ignore_index, reduction="sum")
+    if mean_over == "all":
+        return loss / max(labels.numel(), 1)
     return loss / valid.sum().clamp(min=1)
 
 
@@ -94,16 +112,22 @@ class MiB(Method):
     UNKD is computed on the student's and teacher's logits upsampled to the label resolution
     (MiB distils full-size outputs). ``kd_factor`` = 10 (MiB's VOC setting). MiB's balanced
     classifier initialisation is :meth:`lskd.models.DeepLabV3.add_step` (``balanced=True``).
+    ``mean_over``: UNCE's normalisation (:func:`unbiased_cross_entropy`; ``"all"`` as released).
     """
 
     name = "mib"
     needs_teacher = True
     teacher_passes = 1
 
-    def __init__(self, kd_factor: float = 10.0, alpha: float = 1.0, ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(
+        self, kd_factor: float = 10.0, alpha: float = 1.0, ignore_index: int = IGNORE_INDEX, mean_over: str = "all"
+    ) -> None:
+        if mean_over not in MEAN_OVER:
+            raise ValueError(f"MiB: mean_over must be one of {MEAN_OVER}, got {mean_over!r}")
         self.kd_factor = kd_factor
         self.alpha = alpha
         self.ignore_index = ignore_index
+        self.mean_over = mean_over
 
     def term_names(self, ctx: StepContext) -> List[str]:
         return ["unce", "unkd"] if ctx.incremental else ["ce"]
@@ -120,6 +144,6 @@ class MiB(Method):
         s_logits = upsample_logits(student_out.logits, size)
         t_logits = upsample_logits(teacher_out.logits, size)
         return {
-            "unce": unbiased_cross_entropy(s_logits, labels, ctx.old_classes, self.ignore_index),
+            "unce": unbiased_cross_entropy(s_logits, labels, ctx.old_classes, self.ignore_index, self.mean_over),
             "unkd": self.kd_factor * unbiased_kd(s_logits, t_logits, self.alpha),
         }

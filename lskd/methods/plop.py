@@ -6,14 +6,19 @@ Pseudo-labelling (shared with LSKD, :class:`EntropyPseudoLabeler`):
   background/old (label < O) its argmax class c and normalised entropy
   ``H(p) / log(O)`` (in [0, 1]) go into a per-class histogram (``bins`` bins);
   ``threshold[c] = max(median_c, min_threshold)`` (PLOP: ``min_threshold = 0.001``), the
-  median read from the histogram with linear interpolation inside its bin;
+  median read from the histogram with linear interpolation inside its bin (default,
+  ``pseudo_threshold="median"``, what the papers describe), or the released code's value
+  (``pseudo_threshold="released"``, :func:`released_histogram_threshold`, 100 bins);
 * per batch, a background pixel becomes ``argmax`` of the teacher when its normalised
   entropy is ``< threshold[argmax]`` and 255 (ignored) otherwise; new-class and ignored
   pixels keep their label;
 * PLOP's per-image adaptive factor (paper: "the ratio of accepted old-class pixels over
   the total number of background pixels"): ``|{y < O and accepted}| / (|{y < O}| + 1e-6)``;
   it multiplies the whole per-pixel CE of the image, which is then averaged over ALL
-  pixels of the batch (ignored ones count as 0), as PLOP does.
+  pixels of the batch (ignored ones count as 0), as PLOP does;
+* per step, on the device (no host synchronisation per batch), the labeler sums what
+  :meth:`EntropyPseudoLabeler.statistics` reports: ``pseudo_accepted`` (accepted / eligible
+  background pixels) and ``adaptive_factor`` (mean over images of the factor).
 
 Teacher logits are upsampled bilinearly to the label resolution first (PLOP's model
 outputs full-size logits).
@@ -21,8 +26,9 @@ outputs full-size logits).
 Differences from PLOP's code, on purpose: the entropy is the Shannon entropy divided by
 log(O) (PLOP's code averages p log p over channels and divides by log(#classes) twice;
 this rescales the values, so the median rule is unchanged and only the 0.001 floor means
-a different entropy); the histogram median is the exact interpolation (PLOP's loop adds
-the bin index instead of its count to the running sum); 1000 bins instead of 100.
+a different entropy); by default the histogram median is the exact interpolation, on 1000
+bins instead of 100 (PLOP's loop adds the bin index instead of its count to the running
+sum; ``pseudo_threshold="released"`` reproduces it, on the release's 100 bins).
 
 Local POD (``pod_distill``, square=True, scales (1, 2, 4)) on the six maps; on the
 logits map the student's new-class logits are summed into its background channel.
@@ -32,8 +38,9 @@ as in PLOP's ``features_distillation``. Each map is its own named term ``pod{l}`
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -55,10 +62,17 @@ from .base import (
 __all__ = [
     "normalized_entropy",
     "histogram_median",
+    "released_histogram_threshold",
+    "PSEUDO_THRESHOLDS",
     "pseudo_label",
+    "pseudo_label_counts",
     "EntropyPseudoLabeler",
+    "PseudoLabelStatistics",
     "PLOP",
 ]
+
+#: The threshold rules of :class:`EntropyPseudoLabeler` and their default histogram bins.
+PSEUDO_THRESHOLDS: Dict[str, int] = {"median": 1000, "released": 100}
 
 
 def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -90,6 +104,49 @@ def histogram_median(hist: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, median, torch.zeros_like(median)).to(torch.float32)
 
 
+def released_histogram_threshold(hist: torch.Tensor) -> torch.Tensor:
+    """The released per-class "median" (PLOP's and LSKD's ``find_median``): ``hist [C, B]`` counts
+    over [0, 1] -> ``[C]`` float32 (on ``hist``'s device; rows without counts give 0).
+
+    The release walks the bins i = 0, 1, ... with a running sum S (0 at first) and stops at the
+    first i where ``S <= half <= S + hist[b_i]`` (half = total / 2, float32), returning
+    ``i / B + (half - S) / hist[b_i] / B``. Its bug: after each bin it adds the bin's INDEX to S
+    (``(i / B) * B`` in floating point), not the bin's count; and it reads bin
+    ``b_i = int((i / B) * B)``, which is i - 1 at i = 29, 57, 58 for B = 100. When no bin
+    stops the walk, i and b_i are those of the last bin and S = sum of all the indices
+    (4950 for B = 100).
+
+    Effect: S stays tiny next to the counts, so the walk stops only at the first bin holding
+    about half of ALL the row's counts (that bin holds the median: the value lies in it; at
+    bin 0 it is the interpolated median); when no single bin does, it runs to the end and
+    returns ``(B - 1) / B + (half - S) / hist[b_{B-1}] / B``, S = 4950 for B = 100: about 1 or
+    more (nearly every pixel of the class accepted), +inf when that bin is empty (every pixel
+    accepted), below 0 when half < S (a few pixels: the floor applies); 0/0 gives NaN (no pixel
+    accepted). The arithmetic is the release's: float64 running sums, compared and combined
+    in float32.
+
+    The rule is applied to this module's entropy (H / log O, spread over [0, 1]). The release
+    bins ``H / (O log O) / log |C^{0:t}|`` (at most ``1 / (O log |C^{0:t}|)``, 0.02 for VOC 15-1),
+    i.e. its lowest few bins, so there the walk mostly stops at bin 0.
+    """
+    h = hist.detach().to("cpu", torch.int64)
+    bins = h.shape[1]
+    border = torch.arange(bins, dtype=torch.float64) / bins  # lower border i / B
+    step = border * bins  # added to S after bin i (~ i)
+    index = step.long()  # the bin read at i
+    sums = step.cumsum(0)
+    before = torch.cat([sums.new_zeros(1), sums[:-1]]).float()  # S when bin i is reached
+    half = h.sum(1).float() / 2
+    count = h[:, index].float()  # [C, B]
+    hit = (half[:, None] >= before) & (half[:, None] <= before + count)
+    found = hit.any(1)
+    stop = torch.where(found, hit.int().argmax(1), torch.full_like(found, bins - 1, dtype=torch.long))
+    run = torch.where(found, before[stop], sums[-1].float())
+    at = count.gather(1, stop[:, None]).squeeze(1)
+    value = border.float()[stop] + (half - run) / at * torch.tensor(1 / bins, dtype=torch.float32)
+    return torch.where(h.sum(1) > 0, value, torch.zeros_like(value)).to(hist.device)
+
+
 def pseudo_label(
     labels: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -110,6 +167,20 @@ def pseudo_label(
         argmax where ``entropy < thresholds[argmax]``, else ``ignore_index``; other pixels
         unchanged. ``factor = #accepted background pixels / (#background pixels + 1e-6)``.
     """
+    targets, num, den = pseudo_label_counts(labels, teacher_logits, thresholds, old_classes, ignore_index)
+    return targets, num.float() / (den.float() + 1e-6)
+
+
+def pseudo_label_counts(
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    thresholds: torch.Tensor,
+    old_classes: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`pseudo_label`'s targets and counts: ``(targets [N, H, W], accepted [N], eligible [N])``,
+    the counts int64: per image, the background pixels (label < O, eligible for pseudo-labels)
+    whose pseudo-label was accepted, and all of them."""
     t = upsample_logits(teacher_logits.detach(), labels.shape[-2:])
     if t.shape[1] != old_classes or thresholds.numel() != old_classes:
         raise ValueError(
@@ -121,20 +192,44 @@ def pseudo_label(
     accepted = ent < thresholds.to(device=ent.device, dtype=ent.dtype)[pred]
     background = labels < old_classes
     targets = torch.where(background, torch.where(accepted, pred, torch.full_like(pred, ignore_index)), labels)
-    num = (background & accepted).sum(dim=(1, 2)).float()
-    den = background.sum(dim=(1, 2)).float()
-    return targets, num / (den + 1e-6)
+    return targets, (background & accepted).sum(dim=(1, 2)), background.sum(dim=(1, 2))
 
 
 class EntropyPseudoLabeler:
-    """Per-step entropy thresholds (``prepare``) and pseudo-labels (``__call__``); see the module doc."""
+    """Per-step entropy thresholds (``prepare``) and pseudo-labels (``__call__``); see the module doc.
 
-    def __init__(self, bins: int = 1000, min_threshold: float = 0.001, ignore_index: int = IGNORE_INDEX) -> None:
-        self.bins = bins
+    Args:
+        bins: histogram bins (default: :data:`PSEUDO_THRESHOLDS` of the rule, 1000 or the release's 100).
+        min_threshold: floor of the thresholds (PLOP's 0.001).
+        pseudo_threshold: ``"median"`` (exact per-class median, default) or ``"released"``
+            (:func:`released_histogram_threshold`, the released code's value).
+
+    Every call also adds to per-step sums kept on the labels' device (:meth:`statistics`,
+    cleared by :meth:`reset_statistics`).
+    """
+
+    def __init__(
+        self,
+        bins: Optional[int] = None,
+        min_threshold: float = 0.001,
+        ignore_index: int = IGNORE_INDEX,
+        pseudo_threshold: str = "median",
+    ) -> None:
+        if pseudo_threshold not in PSEUDO_THRESHOLDS:
+            raise ValueError(f"pseudo_threshold must be one of {tuple(PSEUDO_THRESHOLDS)}, got {pseudo_threshold!r}")
+        self.pseudo_threshold = pseudo_threshold
+        self.bins = int(bins) if bins is not None else PSEUDO_THRESHOLDS[pseudo_threshold]
         self.min_threshold = min_threshold
         self.ignore_index = ignore_index
         self.thresholds: Optional[torch.Tensor] = None  # [O]
         self.histogram: Optional[torch.Tensor] = None  # [O, bins] int64 (for inspection)
+        self.reset_statistics()
+
+    def threshold_rule(self, hist: torch.Tensor) -> torch.Tensor:
+        """``hist [O, bins]`` -> ``[O]`` thresholds before the floor, by ``pseudo_threshold``."""
+        if self.pseudo_threshold == "released":
+            return released_histogram_threshold(hist)
+        return histogram_median(hist)
 
     @torch.no_grad()
     def prepare(
@@ -161,15 +256,68 @@ class EntropyPseudoLabeler:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(hist)
         self.histogram = hist.view(old_classes, self.bins)
-        self.thresholds = histogram_median(self.histogram).clamp(min=self.min_threshold)
+        self.thresholds = self.threshold_rule(self.histogram).clamp(min=self.min_threshold)
         return self.thresholds
 
     def __call__(
         self, labels: torch.Tensor, teacher_logits: torch.Tensor, old_classes: int
     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(targets [N, H, W] int64, factor [N] float32)`` (:func:`pseudo_label`); adds the batch
+        to the per-step statistics."""
         if self.thresholds is None:
             raise RuntimeError("pseudo-labels need prepare_step(teacher, batches, ctx) first (entropy thresholds)")
-        return pseudo_label(labels, teacher_logits, self.thresholds, old_classes, self.ignore_index)
+        targets, num, den = pseudo_label_counts(labels, teacher_logits, self.thresholds, old_classes, self.ignore_index)
+        factor = num.float() / (den.float() + 1e-6)
+        self._record(num, den, factor)
+        return targets, factor
+
+    # -- per-step statistics (device sums; read once in statistics()) ------------------
+    def reset_statistics(self) -> None:
+        """Clear the per-step sums (the trainer: at the start of each step)."""
+        self._sums: Optional[torch.Tensor] = None  # [3] float64: accepted, eligible, sum of factors
+        self._images = 0
+
+    def _record(self, num: torch.Tensor, den: torch.Tensor, factor: torch.Tensor) -> None:
+        """Add ``num [N]``, ``den [N]`` (accepted / eligible pixels per image) and ``factor [N]``."""
+        part = torch.stack([num.sum().double(), den.sum().double(), factor.detach().double().sum()])
+        self._sums = part if self._sums is None else self._sums + part
+        self._images += factor.numel()
+
+    def statistics(self) -> Dict[str, float]:
+        """``{"pseudo_accepted": accepted / eligible background pixels, "adaptive_factor": mean over
+        images of the factor}`` since :meth:`reset_statistics` (this process's batches; ``{}``
+        when none). One device-to-host copy."""
+        if self._sums is None or self._images == 0:
+            return {}
+        accepted, eligible, factors = self._sums.tolist()
+        return {
+            "pseudo_accepted": accepted / eligible if eligible > 0 else 0.0,
+            "adaptive_factor": factors / self._images,
+        }
+
+
+class PseudoLabelStatistics:
+    """Mixin for methods holding an :class:`EntropyPseudoLabeler` as ``self.labeler``: the
+    :class:`Method` statistics hooks report the labeler's per-step statistics."""
+
+    labeler: EntropyPseudoLabeler
+
+    def reset_statistics(self) -> None:
+        """Called by the trainer at the start of each epoch: clears the labeler's sums."""
+        self.labeler.reset_statistics()
+
+    def step_statistics(self) -> Dict[str, float]:
+        """Read by the trainer at the end of each epoch: ``pseudo_accepted``, ``adaptive_factor``."""
+        return self.labeler.statistics()
+
+    @contextlib.contextmanager
+    def statistics_paused(self) -> Iterator[None]:
+        """The labeler's sums are restored on exit: what ran inside is not counted."""
+        saved = (self.labeler._sums, self.labeler._images)
+        try:
+            yield
+        finally:
+            self.labeler._sums, self.labeler._images = saved
 
 
 def pseudo_labelled_ce(
@@ -187,7 +335,7 @@ def pseudo_labelled_ce(
     )
 
 
-class PLOP(Method):
+class PLOP(PseudoLabelStatistics, Method):
     """PLOP: ``{"ce", "pod0", ..., "pod5"}`` at steps t > 0 (``{"ce"}`` at step 0).
 
     Args:
@@ -195,7 +343,10 @@ class PLOP(Method):
         pod_schedule: multiply the POD terms by ``sqrt(|C^{0:t}| / |C^t|)`` (PLOP default).
         average_over_maps: divide the POD terms by the number of maps (PLOP's code does).
         scales: Local POD scales (those larger than a map are dropped for that map).
-        bins, min_threshold: pseudo-labelling histogram bins and entropy floor.
+        bins, min_threshold, pseudo_threshold: pseudo-labelling histogram bins (None: the rule's
+            default), entropy floor and threshold rule (:class:`EntropyPseudoLabeler`).
+
+    Per-step statistics (:meth:`step_statistics`): ``pseudo_accepted``, ``adaptive_factor``.
     """
 
     name = "plop"
@@ -209,16 +360,17 @@ class PLOP(Method):
         pod_schedule: bool = True,
         average_over_maps: bool = True,
         scales: Sequence[int] = (1, 2, 4),
-        bins: int = 1000,
+        bins: Optional[int] = None,
         min_threshold: float = 0.001,
         ignore_index: int = IGNORE_INDEX,
         backend: str = "auto",
+        pseudo_threshold: str = "median",
     ) -> None:
         self.pod_factors = tuple(float(f) for f in pod_factors)
         self.pod_schedule = pod_schedule
         self.average_over_maps = average_over_maps
         self.scales = tuple(scales)
-        self.labeler = EntropyPseudoLabeler(bins, min_threshold, ignore_index)
+        self.labeler = EntropyPseudoLabeler(bins, min_threshold, ignore_index, pseudo_threshold)
         self.ignore_index = ignore_index
         self.backend = backend
 
