@@ -2,10 +2,11 @@
 
 A transform is called as ``transform(image: PIL.Image RGB [H, W], label: np.uint8 [H, W])`` and
 returns ``(image float32 [3, h, w] normalised with the ImageNet mean/std, label int64 [h, w])``.
-Labels are always resampled with nearest neighbour (values are preserved) and padded with 255.
+Labels are always resampled with nearest neighbour (values are preserved). Training crops never
+leave the image (no padding, as released); only :func:`pad_collate` pads (label 255).
 
-Randomness comes from torch's default generator only (``torch.rand``), so it is reproducible with
-``torch.manual_seed`` in the main process and, in DataLoader workers, from the per-worker seed
+Randomness comes from torch's default generator only (``torch.rand``, ``torch.randint``), so it
+is reproducible with ``torch.manual_seed`` in the main process and, in DataLoader workers, from the per-worker seed
 that torch derives from the DataLoader's ``generator`` (``base_seed + worker_id``): a DataLoader
 with a seeded generator gives the same crops run after run, for any ``num_workers``.
 """
@@ -35,7 +36,6 @@ __all__ = [
 
 IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
-_MEAN_RGB = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)  # padding colour (~0 after normalising)
 
 
 def to_tensor(image: Image.Image, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
@@ -75,12 +75,25 @@ def _check_pair(image: Image.Image, label: np.ndarray) -> None:
 class TrainTransform:
     """Random resized crop to ``crop x crop`` + horizontal flip + ImageNet normalisation.
 
-    The crop window has an area of ``a * H * W`` with ``a ~ U(scale)`` (fraction of the image
-    area, as torchvision's RandomResizedCrop) and aspect ratio ``r`` log-uniform in ``ratio``.
-    Unlike torchvision, windows larger than the image (``a > 1``, up to 2.0 as in MiB/PLOP) are not
-    rejected: the window is placed so that it covers the image along that side and the part outside
-    the image is padded (image: the ImageNet mean colour, i.e. ~0 after normalisation; label: 255).
-    The window is resampled to the square crop (image bilinear, label nearest).
+    The window follows the release (LSKD/PLOP ``run.py`` 44:
+    ``RandomResizedCrop(opts.crop_size, (0.5, 2.0))`` then ``RandomHorizontalFlip()``; the crop
+    rule is ``dataset/transform.py`` 507-545, torchvision's): up to 10 draws of an area
+    ``a * H * W``, ``a ~ U(scale)``, and an aspect ratio ``r`` (width / height) log-uniform in
+    ``ratio``; ``w = round(sqrt(a H W r))``, ``h = round(sqrt(a H W / r))`` (Python ``round``);
+    the first draw with ``w <= W`` and ``h <= H`` is placed uniformly in the image (top-left
+    ``i ~ U{0..H-h}``, ``j ~ U{0..W-w}``). If none fits, the central crop: the whole image,
+    or the largest centred window of aspect ratio ``min(ratio)`` / ``max(ratio)`` when the
+    image's own ratio is outside ``ratio``. So the window always lies inside the image and
+    nothing is padded: draws with ``a > 1`` never fit (with the default ``(0.5, 2.0)`` the
+    used area fraction is in [0.5, 1]; about 1.7% of the crops of an image with ratio in
+    range are the fallback). The window is cropped, then resized to the square crop (image
+    bilinear, label nearest), like torchvision's ``resized_crop``; images smaller than the
+    crop are enlarged. The flip has probability 0.5.
+
+    Differences from the release, on purpose: the draws come from torch's default generator
+    (``torch.rand`` / ``torch.randint``) instead of Python's ``random`` (reproducible with
+    seeded DataLoaders, module doc); windows of 0 pixels (only possible with a scale far below
+    the release's) are treated as not fitting.
 
     Args:
         crop: output side in pixels.
@@ -90,6 +103,8 @@ class TrainTransform:
 
     Call: ``(PIL RGB [H, W], np.uint8 [H, W]) -> (float32 [3, crop, crop], int64 [crop, crop])``.
     """
+
+    attempts = 10
 
     def __init__(
         self,
@@ -116,24 +131,46 @@ class TrainTransform:
     def __repr__(self) -> str:
         return f"TrainTransform(crop={self.crop}, scale={self.scale}, ratio={self.ratio}, flip={self.flip})"
 
-    def sample_window(self, width: int, height: int) -> Tuple[Tuple[float, float, float, float], bool]:
-        """Draw ``((x0, y0, x1, y1), flip)`` in source pixel coordinates from torch's RNG."""
-        u = torch.rand(5, dtype=torch.float64).tolist()
+    def _draw_size(self, width: int, height: int) -> Tuple[int, int]:
+        """One draw of the window's ``(w, h)`` in pixels (may not fit the image)."""
+        u = torch.rand(2, dtype=torch.float64).tolist()
         area = width * height * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[0])
         lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
         r = math.exp(lo + (hi - lo) * u[1])
-        w = math.sqrt(area * r)
-        h = math.sqrt(area / r)
-        x0 = min(0.0, width - w) + abs(width - w) * u[2]
-        y0 = min(0.0, height - h) + abs(height - h) * u[3]
-        return (x0, y0, x0 + w, y0 + h), (self.flip and u[4] < 0.5)
+        return int(round(math.sqrt(area * r))), int(round(math.sqrt(area / r)))
+
+    def _central(self, width: int, height: int) -> Tuple[int, int, int, int]:
+        """The fallback window ``(x0, y0, x1, y1)``: centred, aspect ratio clamped to ``ratio``."""
+        w, h = width, height
+        if width / height < self.ratio[0]:
+            h = int(round(width / self.ratio[0]))
+        elif width / height > self.ratio[1]:
+            w = int(round(height * self.ratio[1]))
+        x0, y0 = (width - w) // 2, (height - h) // 2
+        return x0, y0, x0 + w, y0 + h
+
+    def sample_window(self, width: int, height: int) -> Tuple[Tuple[int, int, int, int], bool]:
+        """Draw ``((x0, y0, x1, y1), flip)``: a window of whole pixels inside the ``width x height``
+        image (``0 <= x0 < x1 <= width``, ``0 <= y0 < y1 <= height``), from torch's RNG."""
+        box = None
+        for _ in range(self.attempts):
+            w, h = self._draw_size(width, height)
+            if 1 <= w <= width and 1 <= h <= height:
+                y0 = int(torch.randint(0, height - h + 1, ()).item())
+                x0 = int(torch.randint(0, width - w + 1, ()).item())
+                box = (x0, y0, x0 + w, y0 + h)
+                break
+        if box is None:
+            box = self._central(width, height)
+        flip = bool(torch.rand((), dtype=torch.float64).item() < 0.5)
+        return box, self.flip and flip
 
     def __call__(self, image: Image.Image, label: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         _check_pair(image, label)
         box, flip = self.sample_window(image.width, image.height)
         size = (self.crop, self.crop)
-        img = image.convert("RGB").transform(size, Image.Transform.EXTENT, box, Image.Resampling.BILINEAR, fillcolor=_MEAN_RGB)
-        lbl = _as_label_image(label).transform(size, Image.Transform.EXTENT, box, Image.Resampling.NEAREST, fillcolor=IGNORE)
+        img = image.convert("RGB").crop(box).resize(size, Image.Resampling.BILINEAR)
+        lbl = _as_label_image(label).crop(box).resize(size, Image.Resampling.NEAREST)
         x = to_tensor(img, self.mean, self.std)
         y = label_to_tensor(np.asarray(lbl))
         if flip:
