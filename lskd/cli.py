@@ -83,6 +83,12 @@ def _add_train(sub) -> None:
     p.add_argument("--step", type=int, default=None, help="train this step only (the previous step's checkpoint must exist)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
     p.add_argument("--init-from", default=None, metavar="CKPT", help="start from a step-k checkpoint (e.g. a shared step 0) and train k+1..")
+    p.add_argument("--bn", default="train", choices=["train", "frozen"],
+                   help="the student's BatchNorm in steps > 0: train (batch statistics; default) or frozen "
+                        "(running statistics, not updated, affine frozen: the release's --fix_bn)")
+    p.add_argument("--pseudo-threshold", default="median", choices=["median", "released"],
+                   help="PLOP/LSKD pseudo-label thresholds: the exact per-class median of the entropy (the "
+                        "papers; default) or the released code's histogram rule (far above the median)")
     p.add_argument("--term-weights", default=None, metavar="NAME=W,...", help="fixed weights of loss terms (default 1), e.g. 'unkd=0.5'")
     g = p.add_argument_group("dynamic weights and scheme search (LSKD)")
     g.add_argument("--weighting", default="fixed", choices=["fixed", "rge", "gradnorm"],
@@ -121,9 +127,10 @@ def _add_eval(sub) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="the synthetic benchmark: joint, finetune, MiB, PLOP, LSKD (+RGE, +search) on a multi-step task",
-        description="Build a synthetic dataset (once), train joint, finetune, mib, plop, lskd, lskd+rge (RGE "
-        "weights) and lskd+search (bi-level scheme search) on a multi-step protocol of it with the tiny backbone "
+        help="the synthetic benchmark: joint, finetune, MiB, PLOP, LSKD (fixed-weight ablation, +search) on a multi-step task",
+        description="Build a synthetic dataset (once), train joint, finetune, mib, plop, lskd (as released, with its "
+        "RGE weights), lskd-fixed (the fixed-weight ablation) and lskd+search (bi-level scheme search) on a "
+        "multi-step protocol of it with the tiny backbone "
         "(step 0 trained once and shared), print the old/new/all mIoU table and write OUT/summary.md, "
         "OUT/summary.json and OUT/comparison.png. About 7 minutes on 2 CPU cores; --quick about 2.",
     )
@@ -131,8 +138,11 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", default=None, help="output folder (default runs/demo, or runs/demo-quick with --quick)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 0 on the CPU, 2 on a GPU)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data and the training")
-    p.add_argument("--methods", default=None, help="comma-separated subset of joint,finetune,mib,plop,lskd,lskd+rge,lskd+search")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and of the first training seed")
+    p.add_argument("--seeds", type=_positive_int, default=1,
+                   help="train every method with this many seeds (seed, seed+1, ...; step 0 shared per seed) and "
+                        "report mean and std (default 1)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of joint,finetune,mib,plop,lskd,lskd-fixed,lskd+search")
     p.add_argument("--quiet", action="store_true", help="only the final table")
 
 
@@ -205,6 +215,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         search_split=args.search_split,
         search_order=args.search_order,
         search_lr=args.search_lr,
+        bn=args.bn,
+        pseudo_threshold=args.pseudo_threshold,
     )
     dctx = init_distributed(cfg.device)
     try:
@@ -246,6 +258,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         methods=methods,
         quiet=args.quiet,
+        seeds=args.seeds,
     )
     return 0
 

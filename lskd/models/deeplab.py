@@ -112,6 +112,7 @@ class DeepLabV3(nn.Module):
         self.aspp_channels = aspp_channels
         self.classifiers = nn.ModuleList([nn.Conv2d(aspp_channels, int(n), 1) for n in classes_per_step])
         self._frozen = False
+        self._bn_frozen = False
 
     # -- classes -------------------------------------------------------------------
     @property
@@ -159,8 +160,23 @@ class DeepLabV3(nn.Module):
         self.requires_grad_(True)
         return self
 
+    def freeze_batchnorm(self) -> "DeepLabV3":
+        """Keep every BatchNorm layer in eval mode for good (its running statistics normalise and
+        are not updated) and freeze its affine parameters, as the release's ``--fix_bn``; the rest
+        of the network trains. Call it before building the optimiser. Returns self."""
+        self._bn_frozen = True
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.requires_grad_(False)
+        return self.train(self.training)
+
     def train(self, mode: bool = True) -> "DeepLabV3":
-        return super().train(False if self._frozen else mode)
+        super().train(False if self._frozen else mode)
+        if self._bn_frozen:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.train(False)
+        return self
 
     # -- forward -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> SegOutput:

@@ -24,6 +24,8 @@ __all__ = [
     "DATASETS",
     "DEFAULT_EPOCHS",
     "AMP_DTYPES",
+    "BN_MODES",
+    "PSEUDO_THRESHOLDS",
     "FREE_SETTINGS",
     "settings_differences",
 ]
@@ -33,6 +35,11 @@ DATASETS: Dict[str, str] = {"voc": "voc", "ade": "ade20k", "folder": "folder"}
 #: Epochs per step by dataset (the papers' protocols).
 DEFAULT_EPOCHS: Dict[str, int] = {"voc": 30, "ade": 60, "folder": 30}
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+#: The student's BatchNorm in steps > 0: "train" (batch statistics, updated running statistics)
+#: or "frozen" (running statistics, not updated; affine parameters frozen: the release's --fix_bn).
+BN_MODES = ("train", "frozen")
+#: PLOP / LSKD pseudo-label thresholds: the exact per-class median (the papers) or the release's rule.
+PSEUDO_THRESHOLDS = ("median", "released")
 
 #: Settings that do not change results: where the run lives and its data are (a run directory
 #: and a dataset may move), the device, workers, verbosity, the evaluation batch, and what this
@@ -61,7 +68,9 @@ class TrainConfig:
     (default: the per-rank training batch; images of different sizes are padded with 255 labels).
     step: train this step only (the previous one must exist in ``out`` or come from
     ``init_from``). init_from: a ``step{k}.pt`` checkpoint (e.g. a shared step 0) to start step
-    ``k + 1`` from. term_weights: fixed weight per loss-term name (default 1).
+    ``k + 1`` from. term_weights: fixed weight per loss-term name (default 1). bn: the student's
+    BatchNorm in steps > 0 (:data:`BN_MODES`). pseudo_threshold: PLOP / LSKD's pseudo-label
+    threshold rule (:data:`PSEUDO_THRESHOLDS`).
     """
 
     dataset: str
@@ -102,6 +111,8 @@ class TrainConfig:
     search_lr: float = 3e-3
     train_split: str = "train"
     val_split: str = "val"
+    bn: str = "train"
+    pseudo_threshold: str = "median"
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -116,6 +127,10 @@ class TrainConfig:
             raise RunError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         if self.weighting != "fixed" and self.term_weights:
             raise RunError(f"--term-weights sets fixed weights; it cannot be combined with --weighting {self.weighting}")
+        if self.bn not in BN_MODES:
+            raise RunError(f"--bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
+        if self.pseudo_threshold not in PSEUDO_THRESHOLDS:
+            raise RunError(f"--pseudo-threshold must be one of {', '.join(PSEUDO_THRESHOLDS)}, got {self.pseudo_threshold!r}")
         if self.search not in ("none", "bilevel"):
             raise RunError(f"--search must be 'none' or 'bilevel', got {self.search!r}")
         if self.search == "bilevel":

@@ -20,7 +20,7 @@ from .config import RunError, TrainConfig
 from .distributed import DistContext
 from .metrics import confusion_matrix
 from .rundir import RunDir
-from .step import build_model
+from .step import TRAINING_EXTRAS, build_model
 
 if TYPE_CHECKING:  # pragma: no cover
     from .trainer import Trainer
@@ -144,7 +144,7 @@ def _evaluate_checkpoints(trainer: "Trainer", steps: List[int]) -> None:
         ckpt = load_checkpoint(path)
         trainer.check_checkpoint(ckpt, path, t)
         for r in ckpt.get("results", []):
-            saved[int(r["_train_step"])] = {k: r.get(k, {}) for k in ("losses", "weights", "schemes")}
+            saved[int(r["_train_step"])] = {k: r[k] for k in ("losses", *TRAINING_EXTRAS) if k in r}
         trainer.step_extras[t] = {k: v for k, v in saved.get(t, {}).items() if k != "losses"}
         model = build_model(trainer.cfg, ckpt["classes_per_step"])
         model.load_state_dict(ckpt["model"])

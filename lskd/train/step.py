@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from .._dist import average_over_ranks_
 from ..models import DeepLabV3, convert_sync_batchnorm
 from ..search import SchemeSearch
 from ..weighting import build_weighting
@@ -36,7 +37,7 @@ from .phases import SearchPhase, TrainingPhase
 if TYPE_CHECKING:  # pragma: no cover
     from .trainer import Trainer
 
-__all__ = ["StepTrainer", "build_model", "plain_state"]
+__all__ = ["StepTrainer", "build_model", "plain_state", "TRAINING_EXTRAS"]
 
 
 def build_model(cfg: TrainConfig, classes_per_step: Sequence[int], pretrained: Optional[str] = None) -> DeepLabV3:
@@ -50,6 +51,28 @@ def unwrap(model: nn.Module) -> nn.Module:
 def plain_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     """State dict on the CPU (SyncBatchNorm and BatchNorm share their key names)."""
     return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+
+
+#: What a step reports besides its metrics and losses (summary.json, step checkpoints, lskd eval).
+TRAINING_EXTRAS = ("weights", "schemes", "pseudo_labels", "bn_gap")
+
+
+def average_statistics(stats: Dict[str, float], dctx) -> Dict[str, float]:
+    """The method's per-epoch statistics averaged over the ranks (each rank saw its own batches)."""
+    if not stats or not dctx.distributed:
+        return stats
+    names = sorted(stats)
+    values = torch.tensor([stats[k] for k in names], dtype=torch.float64, device=dctx.device)
+    average_over_ranks_([values])
+    return dict(zip(names, values.tolist()))
+
+
+def step_statistics(entries: List[dict]) -> Dict[str, float]:
+    """The mean over a step's epochs of each per-epoch statistic (history entries' ``pseudo_labels``)."""
+    per_epoch = [e["pseudo_labels"] for e in entries if e.get("pseudo_labels")]
+    if not per_epoch:
+        return {}
+    return {k: sum(p[k] for p in per_epoch) / len(per_epoch) for k in per_epoch[0]}
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -81,6 +104,7 @@ class StepTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.amp == "fp16")
         self.last_path = run.run_dir.last_path(t)
         self.history: List[dict] = [h for h in run.history if h["step"] != t]
+        self.bn_gap: Dict[str, Dict[str, float]] = {}
 
     # -- set-up -----------------------------------------------------------------------------------
     def _models(self, prev: Optional[DeepLabV3]):
@@ -95,6 +119,8 @@ class StepTrainer:
         teacher = copy.deepcopy(prev).freeze().to(self.device)
         student = copy.deepcopy(prev).unfreeze()
         student.add_step(n_new, balanced=True)
+        if self.cfg.bn == "frozen":
+            student.freeze_batchnorm()
         return student.to(self.device).train(), teacher
 
     def _batches(self, n: int, salt: int, epoch: int) -> List[List[int]]:
@@ -126,7 +152,7 @@ class StepTrainer:
             t_out = self.teacher(images)
 
         def loss() -> torch.Tensor:
-            with autocast(self.device, amp):
+            with autocast(self.device, amp), self.run.method.statistics_paused():
                 c = self.run.method.classification_terms(labels, student(images), t_out, self.ctx)
             return c["ce"].float() + c["unkd"].float()
 
@@ -156,6 +182,7 @@ class StepTrainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.phase.restore(state.get("weighting", {}))
+        self.bn_gap = dict(state.get("bn_gap") or {})
         self.history += [h for h in state.get("history", []) if h.get("step") == self.t]
         set_rng_state(state.get("rng"))
         start = int(state["epoch"]) + 1
@@ -170,6 +197,28 @@ class StepTrainer:
             dev = self.device
             net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
         return net
+
+    @torch.no_grad()
+    def _measure_bn_gap(self, plain: DeepLabV3) -> None:
+        """Each term at the step's first batch with the student's BatchNorm in train and in eval
+        mode (on a copy: the running statistics stay as they are), into the log and the summary.
+        At the first iteration the student has the teacher's weights: in eval mode its feature
+        terms are exactly 0, in train mode they measure the batch-vs-running-statistics gap."""
+        method = self.run.method
+        if self.t == 0 or not (method.needs_teacher and self.ctx.incremental):
+            return
+        seed = mix_seed(self.cfg.seed, self.t, 0xB9A9)
+        torch.manual_seed(seed)  # the epochs reseed torch's RNG: training is unaffected
+        batch = self._batches(len(self.subset), 0, 0)[:1]
+        images, labels = (x.to(self.device) for x in next(iter(self.run.loader(self.subset, batch, seed))))
+        for mode in ("train", "eval"):
+            probe = copy.deepcopy(plain).train(mode == "train")  # a train-mode pass moves running stats
+            with autocast(self.device, self.run.amp_dtype):
+                t_out, bctx = method.teacher_forward(self.teacher, images, labels, self.ctx)
+                terms = method.terms(images, labels, probe(images), t_out, bctx)
+            self.bn_gap[mode] = {k: float(v) for k, v in terms.items()}
+        gap = ", ".join(f"{k} {self.bn_gap['train'][k]:.4g}/{self.bn_gap['eval'][k]:.4g}" for k in self.bn_gap["train"])
+        self.run.log(f"{self.what}: first batch, student BatchNorm train/eval: {gap}")
 
     # -- the step ---------------------------------------------------------------------------------
     def train(self) -> DeepLabV3:
@@ -186,6 +235,7 @@ class StepTrainer:
                 f"{len(self.subset)} images, {self.epochs} epochs x {self.per_epoch} iterations, lr {self.base_lr:g}, "
                 f"batch {self.cfg.batch_size} ({self.dctx.world_size} rank(s)), device {self.device}"
             )
+            self._measure_bn_gap(plain)
         for epoch in range(start, self.epochs):
             entry = self._epoch(net, plain, epoch)
             self._save_epoch(net, plain, epoch, entry)
@@ -200,6 +250,7 @@ class StepTrainer:
         batches = self.phase.begin_epoch(epoch, seed, len(self.subset), self._batches)
         torch.manual_seed(seed)
         loader = self.run.loader(self.subset, batches, seed)
+        self.run.method.reset_statistics()
         means = EpochMeans()
         lr = self.base_lr
         desc = f"{self.what} epoch {epoch + 1}/{self.epochs}"
@@ -215,6 +266,7 @@ class StepTrainer:
     def _log_epoch(self, epoch: int, means: "EpochMeans", lr: float, elapsed: float) -> dict:
         terms, total = means.result()
         self.phase.weighting.end_epoch(epoch, terms)
+        stats = average_statistics(self.run.method.step_statistics(), self.dctx)
         entry = {
             "step": self.t,
             "epoch": epoch + 1,
@@ -224,8 +276,10 @@ class StepTrainer:
             "iterations": means.count,
             "time_s": round(elapsed, 3),
         }
+        if stats:
+            entry["pseudo_labels"] = stats
         self.history.append(entry)
-        terms_txt = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+        terms_txt = " ".join(f"{k} {v:.4f}" for k, v in [*terms.items(), *stats.items()])
         self.run.log(
             f"{self.what} epoch {epoch + 1}/{self.epochs} | {terms_txt} | total {entry['total']:.4f} | "
             f"lr {entry['lr']:.2e} | {elapsed:.1f}s"
@@ -245,6 +299,7 @@ class StepTrainer:
                     "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                     "weighting": self.phase.weighting.state_dict(),
                     "history": [h for h in self.history if h["step"] == self.t],
+                    "bn_gap": self.bn_gap,
                     "rng": rng_state(),
                 },
                 self.last_path,
@@ -257,6 +312,11 @@ class StepTrainer:
         run, t = self.run, self.t
         run.history = self.history
         run.step_extras[t] = {"weights": self.phase.weighting.weights(), "schemes": self.phase.schemes()}
+        stats = step_statistics([h for h in self.history if h["step"] == t])
+        if stats:
+            run.step_extras[t]["pseudo_labels"] = stats
+        if self.bn_gap:
+            run.step_extras[t]["bn_gap"] = self.bn_gap
         trace = list(self.phase.weighting.trace)
         if self.dctx.is_main and trace:
             report.write_json(

@@ -66,6 +66,15 @@ __all__ = [
 INIT_IDENTITY = ["dataset", "class_names", "backbone", "output_stride", "disjoint"]
 
 
+#: Methods that pseudo-label (PLOP's entropy rule) and take ``pseudo_threshold``.
+PSEUDO_LABELLING = ("plop", "lskd")
+
+
+def method_options(cfg: TrainConfig, name: str) -> dict:
+    """The constructor options of method ``name`` that the run's settings choose."""
+    return {"pseudo_threshold": cfg.pseudo_threshold} if name in PSEUDO_LABELLING else {}
+
+
 class _Log:
     """Rank-0 printing (stdout + OUT/train.log)."""
 
@@ -92,7 +101,7 @@ class Trainer:
         self.run_dir = RunDir(cfg.out)
         self.amp_dtype = AMP_DTYPES[cfg.amp]
         self.method_name = cfg.method.lower()
-        self.method: Method = build_method(self.method_name)
+        self.method: Method = build_method(self.method_name, **method_options(cfg, self.method_name))
         self._load_data()
         self.joint = self.method_name == "joint"
         self.train_task: Task = parse_task("offline", self.num_classes) if self.joint else self.task
