@@ -5,8 +5,9 @@ What it does (``run_demo``):
 1. writes the synthetic dataset (:func:`lskd.data.make_synthetic`) to ``OUT/data`` once (kept
    while its settings match);
 2. trains step 0 ONCE (``OUT/base``; step 0 is the same for every incremental method) and starts
-   finetune, MiB, PLOP, LSKD, LSKD with RGE weights (``lskd+rge``) and LSKD with the bi-level
-   scheme search (``lskd+search``) from its checkpoint (``--init-from``), each in ``OUT/<method>``;
+   finetune, MiB, PLOP, LSKD as released (with its RGE weights), LSKD with fixed weights
+   (``lskd-fixed``, an ablation) and LSKD with the bi-level scheme search (``lskd+search``) from
+   its checkpoint (``--init-from``), each in ``OUT/<method>``;
 3. trains joint (one step with every class, the upper bound) in ``OUT/joint``;
 4. prints the old/new/all mIoU table of the last step and writes ``OUT/summary.md``,
    ``OUT/summary.json`` (``{"methods": {name: the train summary}, "settings": ..., ...}``) and
@@ -38,14 +39,16 @@ import torch
 from .train import report
 from .train.trainer import TrainConfig, train
 
-__all__ = ["PRESETS", "DEMO_METHODS", "run_demo", "format_comparison", "plot_comparison"]
+__all__ = ["PRESETS", "DEMO_METHODS", "run_demo", "aggregate_seeds", "format_comparison", "format_aggregate", "plot_comparison"]
 
-DEMO_METHODS: List[str] = ["joint", "finetune", "mib", "plop", "lskd", "lskd+rge", "lskd+search"]
-INCREMENTAL = ["finetune", "mib", "plop", "lskd", "lskd+rge", "lskd+search"]
-#: Demo entries that are LSKD with the dynamic weights (SPEC 3.1) or the bi-level search (SPEC 3.2):
-#: the ``lskd train`` settings they add.
+DEMO_METHODS: List[str] = ["joint", "finetune", "mib", "plop", "lskd", "lskd-fixed", "lskd+search"]
+INCREMENTAL = ["finetune", "mib", "plop", "lskd", "lskd-fixed", "lskd+search"]
+#: The ``lskd train`` settings of the demo's LSKD entries: ``lskd`` is LSKD as released, which
+#: always trains with the RGE weights; ``lskd-fixed`` is the ablation with fixed weights (all 1);
+#: ``lskd+search`` learns the per-map schemes and weights with the bi-level search.
 VARIANTS: Dict[str, dict] = {
-    "lskd+rge": dict(method="lskd", weighting="rge"),
+    "lskd": dict(method="lskd", weighting="rge"),
+    "lskd-fixed": dict(method="lskd"),
     "lskd+search": dict(method="lskd", search="bilevel", search_epochs=1),
 }
 
@@ -98,22 +101,6 @@ def format_comparison(summaries: Dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _steps_table_md(summaries: Dict[str, dict]) -> str:
-    steps = sorted({e["step"] for s in summaries.values() for e in s["steps"]})
-    head = "| method | " + " | ".join(f"step {t} (old/new/all)" for t in steps) + " |"
-    sep = "|---|" + "---|" * len(steps)
-    rows = [head, sep]
-    f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-    for name, s in summaries.items():
-        by = {e["step"]: e for e in s["steps"]}
-        cells = []
-        for t in steps:
-            e = by.get(t)
-            cells.append("" if e is None else f"{f(e['miou_old'])} / {f(e['miou_new'])} / {f(e['miou_all'])}")
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
 def _schemes_and_weights_md(summaries: Dict[str, dict]) -> List[str]:
     """Per LSKD entry and step > 0: the scheme of every map and the final weight of every term."""
     rows = []
@@ -129,7 +116,8 @@ def _schemes_and_weights_md(summaries: Dict[str, dict]) -> List[str]:
         "## LSKD: scheme per map and final weight per term",
         "",
         "Released assignment: stage1 pod, stage2 pod, stage3 md, stage4 md, aspp md+mcd, logits md (masked pod). "
-        "lskd+rge learns the weights (RGE); lskd+search chooses the schemes and map weights on held-out data.",
+        "lskd (as released) learns the weights (RGE); lskd-fixed keeps them at 1; lskd+search chooses the "
+        "schemes and map weights on held-out data.",
         "",
         "| method | step | schemes | weights |",
         "|---|---|---|---|",
@@ -138,8 +126,18 @@ def _schemes_and_weights_md(summaries: Dict[str, dict]) -> List[str]:
     ]
 
 
-def plot_comparison(path: Path, summaries: Dict[str, dict], title: str = "") -> Optional[Path]:
-    """``comparison.png``: three panels (old, new, all mIoU) against the step, one line per method;
+def _points(summary: dict, rows: Optional[List[dict]], key: str) -> List[tuple]:
+    """``[(step, value, error)]`` of one method: the seeds' mean and std, or one seed's values."""
+    if rows is not None:
+        return [(r["step"], r[key]["mean"], r[key]["std"]) for r in rows if r.get(key)]
+    return [(e["step"], e[key], 0.0) for e in summary["steps"] if e.get(key) is not None]
+
+
+def plot_comparison(
+    path: Path, summaries: Dict[str, dict], title: str = "", aggregate: Optional[Dict[str, List[dict]]] = None
+) -> Optional[Path]:
+    """``comparison.png``: three panels (old, new, all mIoU) against the step, one line per method
+    (with ``aggregate``: the mean over the seeds with error bars of one standard deviation);
     joint (one offline step) is a dashed horizontal line."""
     plt = report.pyplot()
     if plt is None:  # pragma: no cover
@@ -148,13 +146,14 @@ def plot_comparison(path: Path, summaries: Dict[str, dict], title: str = "") -> 
     steps = sorted({e["step"] for s in summaries.values() for e in s["steps"] if not s.get("offline")})
     for ax, (key, label) in zip(axes, [("miou_old", "old classes"), ("miou_new", "new classes"), ("miou_all", "all classes")]):
         for name, s in summaries.items():
-            pts = [(e["step"], e[key]) for e in s["steps"] if e.get(key) is not None]
+            pts = _points(s, aggregate.get(name) if aggregate else None, key)
             if not pts:
                 continue
             if s.get("offline"):
                 ax.axhline(pts[-1][1], linestyle="--", color="black", alpha=0.6, label=f"{name} (upper bound)")
             else:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-",
+                            capsize=3, label=name)
         ax.set_title(f"mIoU, {label}")
         ax.set_xlabel("step")
         if steps:
@@ -168,6 +167,96 @@ def plot_comparison(path: Path, summaries: Dict[str, dict], title: str = "") -> 
     return report.save_figure(fig, path)
 
 
+def _say(quiet: bool):
+    return (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
+
+
+def _run_methods(root: Path, seed: int, methods: Sequence[str], common: dict, preset: dict, say, timings: Dict[str, float]) -> Dict[str, dict]:
+    """Every method of one seed in ``root``: step 0 once (``root/base``), then each method from it."""
+    common = dict(common, seed=seed)
+    incremental = [m for m in methods if m in INCREMENTAL]
+    base_ckpt = None
+    summaries: Dict[str, dict] = {}
+    if incremental:
+        t0 = time.time()
+        s = train(TrainConfig(method="finetune", out=str(root / "base"), step=0, **common))
+        timings["step 0 (shared)"] = timings.get("step 0 (shared)", 0.0) + time.time() - t0
+        base_ckpt = root / "base" / "checkpoints" / "step0.pt"
+        say(f"  seed {seed}, step 0 (shared by {', '.join(incremental)}): mIoU {s['steps'][0]['miou_all']:.1f}")
+    for m in methods:
+        t0 = time.time()
+        if m == "joint":
+            s = train(TrainConfig(method="joint", out=str(root / "joint"), **common))
+        else:
+            run = dict(common, method=m)
+            run.update(VARIANTS.get(m, {}))
+            run.update(preset.get("variants", {}).get(m, {}))
+            s = train(TrainConfig(out=str(root / m), init_from=str(base_ckpt), **run))
+            s["method"] = m
+        timings[m] = timings.get(m, 0.0) + time.time() - t0
+        summaries[m] = s
+        e = s["steps"][-1]
+        say(
+            f"  seed {seed}, {m:<11} last step {e['step']}: old {report.format_number(e['miou_old']).strip()} "
+            f"new {report.format_number(e['miou_new']).strip()} all {report.format_number(e['miou_all']).strip()}"
+            f"  [{time.time() - t0:.0f}s]"
+        )
+    return summaries
+
+
+def aggregate_seeds(runs: Dict[int, Dict[str, dict]]) -> Dict[str, List[dict]]:
+    """``{method: [{"step": t, "miou_old": {"mean", "std", "n"}, "miou_new": ..., "miou_all": ...}]}``
+    over the seeds (``std``: the sample standard deviation, 0 for one seed; undefined values skipped)."""
+    out: Dict[str, List[dict]] = {}
+    methods = list(next(iter(runs.values())))
+    for m in methods:
+        steps = sorted({e["step"] for r in runs.values() for e in r[m]["steps"]})
+        rows = []
+        for t in steps:
+            row: dict = {"step": t}
+            for key in ("miou_old", "miou_new", "miou_all"):
+                vals = [e[key] for r in runs.values() for e in r[m]["steps"] if e["step"] == t and e[key] is not None]
+                row[key] = _mean_std(vals)
+            rows.append(row)
+        out[m] = rows
+    return out
+
+
+def _mean_std(vals: List[float]) -> Optional[dict]:
+    if not vals:
+        return None
+    mean = sum(vals) / len(vals)
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
+    return {"mean": mean, "std": var ** 0.5, "n": len(vals)}
+
+
+def _fmt(stat: Optional[dict]) -> str:
+    if stat is None:
+        return "-"
+    return f"{stat['mean']:.1f}" if stat["n"] == 1 else f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+
+
+def format_aggregate(aggregate: Dict[str, List[dict]]) -> str:
+    """Table of the last step of every method: mIoU old / new / all, mean ± std over the seeds."""
+    lines = [f"{'method':<12} {'step':>4} {'old':>12} {'new':>12} {'all':>12}"]
+    for name, rows in aggregate.items():
+        e = rows[-1]
+        lines.append(f"{name:<12} {e['step']:>4} {_fmt(e['miou_old']):>12} {_fmt(e['miou_new']):>12} {_fmt(e['miou_all']):>12}")
+    return "\n".join(lines)
+
+
+def _aggregate_md(aggregate: Dict[str, List[dict]]) -> List[str]:
+    steps = sorted({r["step"] for rows in aggregate.values() for r in rows})
+    md = ["| method | " + " | ".join(f"step {t} (old / new / all)" for t in steps) + " |", "|---|" + "---|" * len(steps)]
+    for name, rows in aggregate.items():
+        by = {r["step"]: r for r in rows}
+        cells = [
+            "" if t not in by else " / ".join(_fmt(by[t][k]) for k in ("miou_old", "miou_new", "miou_all")) for t in steps
+        ]
+        md.append(f"| {name} | " + " | ".join(cells) + " |")
+    return md
+
+
 def run_demo(
     out: Optional[str] = None,
     quick: bool = False,
@@ -176,8 +265,10 @@ def run_demo(
     seed: int = 0,
     methods: Optional[Sequence[str]] = None,
     quiet: bool = False,
+    seeds: int = 1,
 ) -> dict:
-    """Run the demo (module docstring); returns the ``summary.json`` content."""
+    """Run the demo (module docstring) with ``seeds`` training seeds ``seed, seed + 1, ...`` on the
+    dataset of ``seed`` (step 0 shared per seed); returns the ``summary.json`` content."""
     t_start = time.time()
     preset_name = "quick" if quick else "full"
     preset = PRESETS[preset_name]
@@ -186,83 +277,74 @@ def run_demo(
     bad = [m for m in methods if m not in DEMO_METHODS]
     if bad:
         raise ValueError(f"demo: unknown method(s) {bad}; choose among {DEMO_METHODS}")
+    if int(seeds) < 1:
+        raise ValueError(f"demo: --seeds must be >= 1, got {seeds}")
     if workers is None:
         workers = 2 if (device != "cpu" and torch.cuda.is_available()) else 0
     out_p.mkdir(parents=True, exist_ok=True)
     data_root = _dataset(out_p / "data", preset["data"], seed, quiet)
-    for name in ["base", *DEMO_METHODS]:  # replace the runs of a previous demo
-        if (out_p / name).exists():
-            shutil.rmtree(out_p / name)
-
-    common = dict(
-        dataset="folder",
-        data_root=str(data_root),
-        task=preset["task"],
-        device=device,
-        workers=workers,
-        seed=seed,
-        quiet=True,
-        **preset["train"],
-    )
+    for old in [*(out_p / n for n in ["base", *DEMO_METHODS]), *out_p.glob("seed*")]:  # a previous demo's runs
+        if old.is_dir():
+            shutil.rmtree(old)
+    common = dict(dataset="folder", data_root=str(data_root), task=preset["task"], device=device, workers=workers,
+                  quiet=True, **preset["train"])
+    say = _say(quiet)
+    say(f"demo ({preset_name}): task {preset['task']} on {data_root}, methods {methods}, {seeds} seed(s), output {out_p}")
     timings: Dict[str, float] = {}
-    summaries: Dict[str, dict] = {}
+    seed_list = [seed + k for k in range(int(seeds))]
+    runs = {s: _run_methods(out_p if seeds == 1 else out_p / f"seed{s}", s, methods, common, preset, say, timings)
+            for s in seed_list}
+    return _write_demo(out_p, preset_name, preset, data_root, device, runs, timings, time.time() - t_start)
 
-    def say(msg: str) -> None:
-        if not quiet:
-            print(msg, flush=True)
 
-    say(f"demo ({preset_name}): task {preset['task']} on {data_root}, methods {methods}, output {out_p}")
-    incremental = [m for m in methods if m in INCREMENTAL]
-    base_ckpt = None
-    if incremental:
-        t0 = time.time()
-        s = train(TrainConfig(method="finetune", out=str(out_p / "base"), step=0, **common))
-        timings["step 0 (shared)"] = time.time() - t0
-        base_ckpt = out_p / "base" / "checkpoints" / "step0.pt"
-        e = s["steps"][0]
-        say(f"  step 0 (shared by {', '.join(incremental)}): mIoU {e['miou_all']:.1f}  [{timings['step 0 (shared)']:.0f}s]")
-    for m in methods:
-        t0 = time.time()
-        if m == "joint":
-            s = train(TrainConfig(method="joint", out=str(out_p / "joint"), **common))
-        else:
-            run = dict(common, method=m)
-            run.update(VARIANTS.get(m, {}))
-            run.update(preset.get("variants", {}).get(m, {}))
-            s = train(TrainConfig(out=str(out_p / m), init_from=str(base_ckpt), **run))
-            s["method"] = m
-        timings[m] = time.time() - t0
-        summaries[m] = s
-        e = s["steps"][-1]
-        say(
-            f"  {m:<11} last step {e['step']}: old {report.format_number(e['miou_old']).strip()} "
-            f"new {report.format_number(e['miou_new']).strip()} all {report.format_number(e['miou_all']).strip()}"
-            f"  [{timings[m]:.0f}s]"
-        )
-    total = time.time() - t_start
-    table = format_comparison(summaries)
+def _write_demo(out_p: Path, preset_name: str, preset: dict, data_root: Path, device: str,
+                runs: Dict[int, Dict[str, dict]], timings: Dict[str, float], total: float) -> dict:
+    """summary.json, summary.md and comparison.png of a demo; prints the table."""
+    seed_list = list(runs)
+    summaries = runs[seed_list[0]]
+    aggregate = aggregate_seeds(runs)
     any_s = next(iter(summaries.values()))
     settings = {
         "preset": preset_name,
         "task": preset["task"],
-        "dataset": {"root": str(data_root), **preset["data"], "seed": seed},
+        "dataset": {"root": str(data_root), **preset["data"], "seed": seed_list[0]},
         "train": preset["train"],
+        "seeds": seed_list,
         "device": device,
         "class_names": any_s.get("class_names"),
     }
-    result = {"methods": summaries, "settings": settings, "time_s": round(total, 1), "timings_s": {k: round(v, 1) for k, v in timings.items()}}
+    result = {
+        "methods": summaries,
+        "seeds": {str(s): r for s, r in runs.items()} if len(runs) > 1 else {},
+        "aggregate": aggregate,
+        "settings": settings,
+        "time_s": round(total, 1),
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
     report.write_json(out_p / "summary.json", result)
     title = f"lskd demo: synthetic {preset['data']['classes']} classes, task {preset['task']}, tiny DeepLabV3"
-    plot_comparison(out_p / "comparison.png", summaries, title)
+    plot_comparison(out_p / "comparison.png", summaries, title, aggregate if len(runs) > 1 else None)
+    report.write_text_atomic(out_p / "summary.md", "\n".join(_demo_md(preset_name, preset, runs, aggregate, timings, total)))
+    print(f"\nmIoU (%) after the last step of task {preset['task']} ({total:.0f}s in all"
+          f"{', mean ± std over ' + str(len(runs)) + ' seeds' if len(runs) > 1 else ''}):")
+    print(format_aggregate(aggregate) if len(runs) > 1 else format_comparison(summaries))
+    print(f"\nwrote {out_p / 'summary.md'}, {out_p / 'summary.json'} and {out_p / 'comparison.png'}", flush=True)
+    return result
+
+
+def _demo_md(preset_name: str, preset: dict, runs: Dict[int, Dict[str, dict]], aggregate: Dict[str, List[dict]],
+             timings: Dict[str, float], total: float) -> List[str]:
+    tr, data = preset["train"], preset["data"]
+    summaries = runs[next(iter(runs))]
+    seeds_txt = f"{len(runs)} training seeds ({', '.join(map(str, runs))}; mean ± sample std)" if len(runs) > 1 else "one seed"
     md = [
         f"# lskd demo ({preset_name})",
         "",
-        f"Synthetic benchmark ({preset['data']['classes']} classes, {preset['data']['images']} training / "
-        f"{preset['data']['val_images']} validation images of {preset['data']['size']}x{preset['data']['size']}), "
-        f"task {preset['task']} (overlapped), {preset['train']['backbone']} DeepLabV3 (output stride {preset['train'].get('output_stride', 16)}), "
-        f"{preset['train']['epochs']} epochs at step 0 (lr {preset['train']['lr']}), "
-        f"{preset['train']['epochs_next']} per later step (lr {preset['train']['lr_next']}), batch {preset['train']['batch_size']}. "
-        f"Step 0 is trained once and shared by the incremental methods; joint trains all classes in one step.",
+        f"Synthetic benchmark ({data['classes']} classes, {data['images']} training / {data['val_images']} validation "
+        f"images of {data['size']}x{data['size']}), task {preset['task']} (overlapped), {tr['backbone']} DeepLabV3 "
+        f"(output stride {tr.get('output_stride', 16)}), {tr['epochs']} epochs at step 0 (lr {tr['lr']}), "
+        f"{tr['epochs_next']} per later step (lr {tr['lr_next']}), batch {tr['batch_size']}, {seeds_txt}. "
+        f"Step 0 is trained once per seed and shared by the incremental methods; joint trains all classes in one step.",
         "",
         f"Total time: {total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).",
         "",
@@ -271,14 +353,9 @@ def run_demo(
         "| method | old | new | all |",
         "|---|---|---|---|",
     ]
-    for name, s in summaries.items():
-        e = s["steps"][-1]
-        f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-        md.append(f"| {name} | {f(e['miou_old'])} | {f(e['miou_new'])} | {f(e['miou_all'])} |")
-    md += ["", "## mIoU (%) per step (old / new / all)", "", _steps_table_md(summaries), "", "![comparison](comparison.png)", ""]
+    for name, rows in aggregate.items():
+        e = rows[-1]
+        md.append(f"| {name} | {_fmt(e['miou_old'])} | {_fmt(e['miou_new'])} | {_fmt(e['miou_all'])} |")
+    md += ["", "## mIoU (%) per step (old / new / all)", "", *_aggregate_md(aggregate), "", "![comparison](comparison.png)", ""]
     md += _schemes_and_weights_md(summaries)
-    report.write_text_atomic(out_p / "summary.md", "\n".join(md))
-    print(f"\nmIoU (%) after the last step of task {preset['task']} ({total:.0f}s in all):")
-    print(table)
-    print(f"\nwrote {out_p / 'summary.md'}, {out_p / 'summary.json'} and {out_p / 'comparison.png'}", flush=True)
-    return result
+    return md

@@ -148,7 +148,7 @@ def test_demo_quick(tmp_path):
     elapsed = time.time() - t0
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     s = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert set(s["methods"]) == {"joint", "finetune", "mib", "plop", "lskd", "lskd+rge", "lskd+search"}
+    assert set(s["methods"]) == {"joint", "finetune", "mib", "plop", "lskd", "lskd-fixed", "lskd+search"}
     for name, summ in s["methods"].items():
         assert {"dataset", "task", "method", "steps"} <= set(summ)
         assert summ["steps"][-1]["miou_all"] is not None
@@ -157,7 +157,10 @@ def test_demo_quick(tmp_path):
     assert (tmp_path / "demo" / "comparison.png").stat().st_size > 1000
     md = (tmp_path / "demo" / "summary.md").read_text()
     assert "| lskd |" in md and "| lskd+search |" in md and "old" in r.stdout
-    last = {m: s["methods"][m]["steps"][-1] for m in ("lskd", "lskd+rge", "lskd+search")}
+    last = {m: s["methods"][m]["steps"][-1] for m in ("lskd", "lskd-fixed", "lskd+search")}
     assert set(last["lskd+search"]["schemes"]) == set(last["lskd"]["schemes"])
-    assert last["lskd+rge"]["weights"] != last["lskd"]["weights"]  # RGE moved the weights
+    assert last["lskd"]["weights"] != last["lskd-fixed"]["weights"]  # RGE (as released) moved the weights
+    assert set(last["lskd-fixed"]["weights"].values()) == {1.0}
+    assert 0.0 <= last["lskd"]["pseudo_labels"]["pseudo_accepted"] <= 1.0  # reported per step
+    assert set(last["lskd"]["bn_gap"]) == {"train", "eval"}
     print(f"lskd demo --quick: {elapsed:.0f} s")
