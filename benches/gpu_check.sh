@@ -7,12 +7,13 @@
 #   bash benches/gpu_check.sh            # build, tests, profile, benchmarks
 #   STAGES="build bench trainbench" bash benches/gpu_check.sh
 #
-# Stage times on a fresh H100/H200 (2026-11-26): build 35-46 s, GPU tests 150 s,
-# profile 30 s, benchmarks without torch.compile about 50 s (part 1, the whole
-# loss, BENCH_K1) + 50 s (part 2, the ops, BENCH_K2). torch.compile of the eager
-# loss (the compile column of part 1, LSKD_BENCH_COMPILE=loss; "all" adds per-op
-# compile columns, which nothing warms, "none" drops them) took more than 150 s
-# cold and timed part 1 out; nearly all of it is inductor, a few seconds dynamo.
+# Stage times on a fresh H100/H200 (benches/results/h200-2026-11-26.md): build
+# 35-46 s, GPU tests 150 s, profile 30 s, benchmarks without torch.compile about
+# 50 s (part 1, the whole loss, BENCH_K1) + 50 s (part 2, the ops, BENCH_K2).
+# torch.compile of the eager loss (the compile column of part 1,
+# LSKD_BENCH_COMPILE=loss; "all" adds per-op compile columns, which nothing warms,
+# "none" drops them) takes more than 150 s cold, nearly all of it inductor (a few
+# seconds dynamo): too long to pay inside part 1, hence the compile warm-up.
 #
 # Compile warm-up: right after the build, benches/warm_compile.py compiles exactly
 # that loss (both dtypes, one niced process each) in the background while the
@@ -23,7 +24,7 @@
 # part 2 runs first, beside it; before part 1 the script waits for it while more
 # than BENCH_RESERVE_S (90 s) of the budget are left, then kills it and runs part 1
 # with LSKD_BENCH_COMPILE=none, saying so. WARM_COMPILE=0: no warm-up (part 1
-# compiles cold under its time-out, as before).
+# compiles cold under its time-out).
 #
 # Time budget: the run fits GPU_CHECK_BUDGET_S (default 450 s, from the script's
 # start; the issue allows 8 minutes) by construction. Each stage runs under

@@ -1,9 +1,9 @@
 // Autograd kernels of the lskd operators, in C++ (TORCH_LIBRARY_IMPL(lskd, Autograd, m)).
 //
-// Before, autograd was registered in Python (torch.library.register_autograd),
-// which costs tens of microseconds of Python per call (the Python
-// autograd.Function, fill_defaults, redispatch, the Python backward). Here it
-// is a torch::autograd::Function, as torchvision does for roi_align:
+// Autograd is a torch::autograd::Function, as torchvision does for roi_align,
+// rather than a Python registration (torch.library.register_autograd), which
+// costs tens of microseconds of Python per call (the Python autograd.Function,
+// fill_defaults, redispatch, the Python backward):
 //
 //   pod_forward / sop_forward   the raw ops of the schema (csrc/ops.cpp):
 //       outputs (dist, aux): aux (emb / pooled_grad) gets no gradient
@@ -103,7 +103,7 @@ inline at::Tensor pod_grad(AutogradContext* ctx, const at::Tensor& grad) {
   const at::Tensor grad_dist = grad_of_dist(grad, reduction, dist.sym_size(0));
   // Without create_graph nothing records the backward: skip the autograd layer
   // (pod_backward has no autograd kernel; with create_graph=True its autograd
-  // fallback warns that the double backward is not implemented, as before).
+  // fallback warns that the double backward is not implemented).
   std::optional<at::AutoDispatchBelowADInplaceOrView> below;
   if (!at::GradMode::is_enabled()) below.emplace();
   return pod_backward_op().call(grad_dist, student, as_optional(saved[1]), as_optional(saved[2]), dist, saved[4],

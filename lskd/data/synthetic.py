@@ -10,8 +10,8 @@ Design
     hexagon, frame; reused with another aspect ratio beyond 12 classes), drawn in an object frame
     with random size (radius 16-30 % of the image side), position, rotation and +-15 % aspect
     jitter; the thin shapes (ring, cross, bar) are at least 0.6 radius thick, so that they cover
-    whole cells of a DeepLab's stride-8 output at 64x64 (version 1 of the generator drew them
-    half as thick: joint training reached only 37 % mIoU on them in the demo, 54 % now);
+    whole cells of a DeepLab's stride-8 output at 64x64 (at half that thickness joint training
+    reaches only 37 % mIoU on them in the demo, against 54 % at this one);
   - its own **texture** (stripes, checker, dots, rings, grid, waves, gradient, speckle, plain) with
     a class-specific frequency and orientation, in the object frame (it rotates with the object);
   - its own **colour statistics**: a dominant colour A mixed by the texture with a colour B, a
