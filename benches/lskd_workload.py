@@ -13,7 +13,7 @@ import torch
 import lskd
 from lskd import reference
 
-# The six LSKD maps at N = 12, 512 crop (SPEC section 1): stages 1-4, ASPP, logits.
+# The six LSKD maps at N = 12, 512 crop (docs/MATHEMATICS.md §1.2): stages 1-4, ASPP, logits.
 GPU_MAPS: List[Tuple[int, int, int, int]] = [
     (12, 256, 128, 128),
     (12, 512, 64, 64),
@@ -74,7 +74,7 @@ def make_maps(shapes: Sequence[Tuple[int, int, int, int]], dtype: torch.dtype, s
 
 def lskd_loss(students, teachers, spatial, channel, backend: Optional[str], fused: bool = True,
               groups: int = 20) -> torch.Tensor:
-    """The released LSKD distillation terms over the six maps, fixed weights (SPEC 3).
+    """The released LSKD distillation terms over the six maps, fixed weights (docs/MATHEMATICS.md §3.1).
 
     Maps 0-1 Local POD, 2-3 MD, 4 MD + MCD, 5 masked Local POD. ``backend=None``
     runs the eager reference in the inputs' dtype (the released code's baseline).
@@ -156,7 +156,7 @@ def split_variant(backend: str) -> Tuple[str, bool]:
 
 
 def floor_bytes(op: str, shapes, dtype: torch.dtype) -> int:
-    """Bytes the op must move at least (fwd + bwd), per SPEC 2.
+    """Bytes the op must move at least (fwd + bwd), per docs/MATHEMATICS.md §2.
 
     pod_distill: read a and b (forward), read a and write the gradient
     (backward): 4 passes. sop_distill: read a and b, write the gradient: 3

@@ -1,4 +1,4 @@
-// lskd::md_masks: the MD masks in one op (SPEC 2.3): the CPU implementation,
+// lskd::md_masks: the MD masks in one op (docs/MATHEMATICS.md section 2.3): the CPU implementation,
 // and the spec of the exact arithmetic of the CUDA kernel (csrc/cuda/md_masks.cu,
 // registered for CUDA there: selection instead of sorts, 2 launches).
 //

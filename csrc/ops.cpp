@@ -10,7 +10,7 @@
 // (meta) kernels are registered in Python (lskd/ops/<op>.py), as are the
 // autograd formulas of the Triton ops.
 //
-// Conventions shared by every op (see ../shared/SPEC.md section 2):
+// Conventions shared by every op (see docs/MATHEMATICS.md section 2):
 //   * student/teacher: [N, C, H, W], float32/float64/bfloat16/float16, the
 //     same dtype and shape, any strides (contiguous and channels-last are the
 //     fast paths). acc_t = double for float64 inputs, float otherwise.
@@ -20,7 +20,7 @@
 //   * Masked input x = v * spatial_mask[n, h, w] * channel_mask[n, c].
 //   * Outputs are acc_t; reductions are deterministic (no float atomics).
 //
-// pod_forward  (SPEC 2.1, Local POD / MD)
+// pod_forward  (docs/MATHEMATICS.md section 2.1, Local POD / MD)
 //   z = x_a^2 - x_b^2 if square else x_a - x_b.
 //   For scale s: kh = H / s, kw = W / s, Hs = s * kh, Ws = s * kw.
 //   emb [N, C, L], L = sum_s (s * Hs + s * Ws). For scale s at offset off_s:
@@ -35,7 +35,7 @@
 //       * dz/da,  dz/da = 2 * a * (m * n)^2 if square else (m * n).
 //   Output has the dtype and memory format of student (empty_like).
 //
-// sop_forward  (SPEC 2.2, MCD / second-order context pooling)
+// sop_forward  (docs/MATHEMATICS.md section 2.2, MCD / second-order context pooling)
 //   k = C / groups; channels >= groups * k are dropped.
 //   Average pooling of x_a, x_b over each channel with window (wh, ww),
 //   stride (sh, sw), padding (ph, pw), divisor wh * ww (count_include_pad):
@@ -71,14 +71,14 @@
 //   Kernel: csrc/autograd.cpp (one for CPU and CUDA, calling the backend's
 //   *_forward ops; the backward calls *_backward).
 //
-// md_stats  (SPEC 2.3, the fused statistics of the MD masks)
+// md_stats  (docs/MATHEMATICS.md section 2.3, the fused statistics of the MD masks)
 //   feat (A), feat_bg_erased (Cb), feat_new_erased (Dn): [N, C, H, W] (no masks).
 //   cos_bg[n, h, w]  = <A, Cb> / (max(|A|, eps) * max(|Cb|, eps))   (over channels)
 //   cos_new[n, h, w] = <A, Dn> / (max(|A|, eps) * max(|Dn|, eps))
 //   gap_bg[n, c]  = |mean_hw Cb - mean_hw A|,  gap_new[n, c] = |mean_hw Dn - mean_hw A|.
 //   (This is torch.nn.functional.cosine_similarity's definition.)
 //
-// md_masks  (SPEC 2.3, the masks; csrc/md_masks.cpp, one kernel for CPU and CUDA)
+// md_masks  (docs/MATHEMATICS.md section 2.3, the masks; csrc/md_masks.cpp, one kernel for CPU and CUDA)
 //   md_stats, then per image the quantiles of the statistics at rho_old / rho_new
 //   (labels [N, Hl, Wl]) and the comparisons, exactly as lskd/ops/md_masks.py:
 //   spatial_mask [N, 1, H, W] bool, channel_mask [N, C] bool. float64_ranks: the

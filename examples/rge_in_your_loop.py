@@ -1,4 +1,4 @@
-"""LSKD's dynamic weights (RGE, SPEC 3.1) inside a plain training loop.
+"""LSKD's dynamic weights (RGE, docs/MATHEMATICS.md §4.1) inside a plain training loop.
 
 A frozen teacher and a student with one more class; the nine LSKD terms come from
 ``lskd.methods.LSKD`` (any dict of named scalar losses works); RGE updates one weight per term

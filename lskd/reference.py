@@ -1,6 +1,6 @@
 """Plain PyTorch versions of the lskd operators, written after the formulas.
 
-These follow ../shared/SPEC.md section 2 literally (slices and means for Local
+These follow docs/MATHEMATICS.md §2 literally (slices and means for Local
 POD, explicit outer products for the second-order pooling, one image at a time
 with ``torch.quantile`` for the MD masks). They compute in the dtype of their
 inputs: called with float64 tensors they are the oracle of every test, called
@@ -67,7 +67,7 @@ def pod_distances(
     scales: Sequence[int] = (1, 2, 4),
     square: bool = True,
 ) -> torch.Tensor:
-    """Local POD distance (SPEC 2.1): ``d[n] = ||Psi(x_a^p) - Psi(x_b^p)||_2``.
+    """Local POD distance (docs/MATHEMATICS.md §2.1): ``d[n] = ||Psi(x_a^p) - Psi(x_b^p)||_2``.
 
     ``p = 2`` when ``square`` (PLOP's "pow" pre-processing), else 1. The
     teacher side is detached. Returns ``[N]``.
@@ -117,7 +117,7 @@ def sop_distances(
     window: Optional[int] = 5,
     stride: int = 2,
 ) -> torch.Tensor:
-    """Second-order context pooling distance (SPEC 2.2, MCD). Returns ``[N]``."""
+    """Second-order context pooling distance (docs/MATHEMATICS.md §2.2, MCD). Returns ``[N]``."""
     xa = apply_masks(student, spatial_mask, channel_mask)
     xb = apply_masks(teacher.detach(), spatial_mask, channel_mask)
     diff = sop_embedding(xa, groups, window, stride) - sop_embedding(xb, groups, window, stride)
@@ -130,7 +130,7 @@ def md_statistics(
     feat_new_erased: torch.Tensor,
     eps: float = 1e-8,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Statistics of the MD masks (SPEC 2.3), batched.
+    """Statistics of the MD masks (docs/MATHEMATICS.md §2.3), batched.
 
     Returns ``cos_bg [N, H, W]``, ``cos_new [N, H, W]`` (cosine similarity over
     channels, as ``F.cosine_similarity``), ``gap_bg [N, C]`` and

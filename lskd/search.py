@@ -622,7 +622,7 @@ class _Snapshot:
 
 
 class SearchWeighting(Weighting):
-    """The search as the trainer's :class:`lskd.weighting.Weighting` (SPEC 3.2).
+    """The search as the trainer's :class:`lskd.weighting.Weighting` (docs/MATHEMATICS.md §5).
 
     While searching, the basic terms of every map get ``w_l p_{l,s}`` summed over the
     candidates that contain them (:meth:`SchemeSearch.term_weights`) and the other terms

@@ -1,10 +1,10 @@
-"""Weighting of the named loss terms: ``total = sum_i w_i * term_i``, in ONE place (SPEC 3, 3.1).
+"""Weighting of the named loss terms: ``total = sum_i w_i * term_i``, in ONE place (docs/MATHEMATICS.md §3.1, §4).
 
 A method returns named, unweighted terms (each already times its base factor); a
 :class:`Weighting` turns them into the total that is back-propagated. Three schemes:
 
 * :class:`FixedWeights`: constant ``w_i`` (1 unless given);
-* :class:`RGE`: LSKD's regularised gradient equilibrium (SPEC 3.1), the released rule;
+* :class:`RGE`: LSKD's regularised gradient equilibrium (docs/MATHEMATICS.md §4.1), the released rule;
 * :class:`GradNorm`: plain GradNorm (Chen et al., ICML 2018): L2 norms, alpha = 1.5.
 
 Protocol (the trainer's loop, and a user's own loop)::
@@ -21,7 +21,7 @@ Protocol (the trainer's loop, and a user's own loop)::
 ``update`` must run while the graph of ``terms`` is alive (before ``total.backward()``, or after it
 with ``retain_graph=True``). The weights are initialised to 1 at every ``begin_step``.
 
-Per-term gradients (RGE and GradNorm). Term i acts on one small parameter tensor W_i (SPEC 3.1:
+Per-term gradients (RGE and GradNorm). Term i acts on one small parameter tensor W_i (docs/MATHEMATICS.md §4.1:
 the first parameter tensor of the layer the term distils; :func:`term_layer`): the ASPP output
 BatchNorm's weight for the classification terms and for the distillation terms of the ASPP and
 logits maps (4, 5); the first parameter (first convolution) of stage k+1 for the terms of map k,
@@ -29,7 +29,8 @@ k = 0, 1, 2, 3 (map 3 = stage 4's output, on stage 4's first parameter as in the
 ``dL_i/dW_i`` comes from one ``torch.autograd.grad(L_i, W_i, retain_graph=True)``
 per term: autograd runs only the part of the graph between the term and W_i (the head for the
 ASPP terms, one backbone stage for the others), never the whole network, and nothing is
-accumulated into ``.grad``. The overhead is measured in the benchmarks and the closing note.
+accumulated into ``.grad``. The overhead (about +10 % per iteration on the CPU) is measured by
+benches/test_bench_training.py; results in benches/results/cpu-2026-11-26.md.
 """
 from __future__ import annotations
 
@@ -170,7 +171,7 @@ def term_map(name: str) -> Optional[int]:
 
 
 def term_layer(name: str) -> Tuple[str, str]:
-    """``(layer key, group)`` of a term (SPEC 3.1): ``("stage{k+1}", "B")`` for the terms of maps
+    """``(layer key, group)`` of a term (docs/MATHEMATICS.md §4.1): ``("stage{k+1}", "B")`` for the terms of maps
     k = 0, 1, 2; ``("stage4", "A")`` for the terms of map 3 (stage 4's output: md3 = L6);
     ``("aspp", "A")`` for everything else (classification terms, maps 4, 5).
 
@@ -440,7 +441,7 @@ class _GradientBalance(Weighting):
 
 
 class RGE(_GradientBalance):
-    """Regularised gradient equilibrium (SPEC 3.1), the released rule.
+    """Regularised gradient equilibrium (docs/MATHEMATICS.md §4.1), the released rule.
 
     Per batch (``update``), with g_i = mean(dL_i/dW_i) (a signed mean over the tensor W_i of
     :func:`term_layer`) and G_i = w_i g_i:

@@ -1,4 +1,4 @@
-"""lskd.weighting: fixed weights, RGE (SPEC 3.1, the released rule) and GradNorm against hand
+"""lskd.weighting: fixed weights, RGE (docs/MATHEMATICS.md §4.1, the released rule) and GradNorm against hand
 computations on small problems; positivity and renormalisation; resume; the per-term layers."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ NAMES = ["ce", "mcd", "unkd", "pod0", "pod1", "md2", "md3", "md4", "md5"]
 
 
 def test_released_term_layers():
-    """SPEC 3.1: ASPP output norm for terms 0, 1, 2, 7, 8; stages 1, 2, 3 for terms 3, 4, 5 (group B);
+    """docs/MATHEMATICS.md §4.1: ASPP output norm for terms 0, 1, 2, 7, 8; stages 1, 2, 3 for terms 3, 4, 5 (group B);
     stage 4 for term 6 (md3, the stage-4 map), kept in group A (the release's W3 = mod5)."""
     got = {n: term_layer(n) for n in NAMES}
     assert got == {
@@ -208,7 +208,7 @@ def _lskd_batch_terms():
 
 def test_rge_md3_acts_on_the_first_parameter_of_stage4():
     """md3 (L6, the stage-4 map's term): RGE's layer is stage 4's first parameter (group A), and its
-    gradient statistic is non-zero (on the ASPP norm, after stage 4, it was exactly 0)."""
+    gradient statistic is non-zero (on the ASPP norm, after stage 4, it would be exactly 0)."""
     student, terms, ctx = _lskd_batch_terms()
     rge = RGE()
     rge.begin_step(list(terms), ctx)

@@ -1,4 +1,4 @@
-// Statistics of the MD masks (SPEC 2.3): CPU kernel of lskd::md_stats
+// Statistics of the MD masks (docs/MATHEMATICS.md section 2.3): CPU kernel of lskd::md_stats
 // (definition in csrc/ops.cpp).
 //
 // One pass over A, Cb, Dn. Work unit: one image and a block of rows (about

@@ -1,4 +1,4 @@
-// Local POD distance (SPEC 2.1): CPU kernels of lskd::pod_forward and
+// Local POD distance (docs/MATHEMATICS.md section 2.1): CPU kernels of lskd::pod_forward and
 // lskd::pod_backward (definitions in csrc/ops.cpp).
 //
 // Work unit: one image and a block of channels (one channel when rows are

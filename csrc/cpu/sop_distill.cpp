@@ -1,4 +1,4 @@
-// Second-order context pooling distance (SPEC 2.2, MCD): CPU kernels of
+// Second-order context pooling distance (docs/MATHEMATICS.md section 2.2, MCD): CPU kernels of
 // lskd::sop_forward and lskd::sop_backward (definitions in csrc/ops.cpp).
 //
 // Forward work unit: one (image, group). The group's k channels of a * m and

@@ -1,4 +1,4 @@
-// CUDA kernel of lskd::md_masks (the MD masks, SPEC 2.3). The schema is in
+// CUDA kernel of lskd::md_masks (the MD masks, docs/MATHEMATICS.md section 2.3). The schema is in
 // csrc/ops.cpp; the CPU implementation (ATen composite) and the spec of the
 // exact arithmetic is csrc/md_masks.cpp.
 //

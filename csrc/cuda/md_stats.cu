@@ -1,4 +1,4 @@
-// CUDA kernels of lskd::md_stats (statistics of the MD masks, SPEC 2.3).
+// CUDA kernels of lskd::md_stats (statistics of the MD masks, docs/MATHEMATICS.md section 2.3).
 // The definition is in csrc/ops.cpp.
 //
 // One pass over A, Cb and Dn (2 launches):

@@ -1,4 +1,4 @@
-// CUDA kernels of lskd::pod_forward / lskd::pod_backward (Local POD, SPEC 2.1).
+// CUDA kernels of lskd::pod_forward / lskd::pod_backward (Local POD, docs/MATHEMATICS.md section 2.1).
 // The definitions are in csrc/ops.cpp.
 //
 // Column "atoms": the boundaries j * kw_s (all scales s, j = 0..s) and W cut

@@ -393,7 +393,7 @@ class ADE20KSegmentation(SegmentationDataset):
     """ADE20K SceneParsing (ADEChallengeData2016), 150 classes as ids 1..150.
 
     Annotation value 0 ("other") becomes 255 (ignored); id 0 is the background channel of the
-    incremental setting (SPEC 1), which labels the pixels of the classes not in the current step.
+    incremental setting (docs/MATHEMATICS.md §1.1), which labels the pixels of the classes not in the current step.
     ``split``: ``"train"``/``"training"`` or ``"val"``/``"validation"``.
     """
 

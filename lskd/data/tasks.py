@@ -1,6 +1,6 @@
 """Incremental tasks: which classes are learnt at which step, image selection and label remapping.
 
-Setting (SPEC 1 and 4). Class ids are ``0..K-1`` with ``0`` = background and ``255`` = ignore.
+Setting (docs/MATHEMATICS.md §1.1 and §6). Class ids are ``0..K-1`` with ``0`` = background and ``255`` = ignore.
 A task splits the object classes ``first_class..K-1`` into steps ``t = 0..T``; step 0 also holds
 the background. At step ``t``:
 

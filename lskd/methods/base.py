@@ -1,7 +1,7 @@
 """Common interface of the class-incremental segmentation methods.
 
 A method turns one batch into NAMED, UNWEIGHTED loss terms (each already multiplied by
-its base factor, SPEC 3); the trainer forms ``total = sum_i w_i * term_i`` (w_i = 1, or
+its base factor, docs/MATHEMATICS.md §3.1); the trainer forms ``total = sum_i w_i * term_i`` (w_i = 1, or
 learnt by RGE / the search). Per step the trainer:
 
 1. builds a :class:`StepContext` (step index, O, number of new classes);
@@ -123,7 +123,7 @@ def cross_entropy(
 
 def collapse_new_into_background(logits: torch.Tensor, old_classes: int) -> torch.Tensor:
     """``[N, K, h, w] -> [N, O, h, w]``: channel 0 = background + sum of the new-class logits
-    (channels >= O), channels 1..O-1 unchanged (SPEC 1: the student's logits map distilled
+    (channels >= O), channels 1..O-1 unchanged (docs/MATHEMATICS.md §1.2: the student's logits map distilled
     against the teacher's O channels, PLOP's ``extra_channels="sum"``). The result keeps the
     dtype of ``logits`` (under CUDA autocast the sum runs in float32)."""
     k = logits.shape[1]

@@ -1,9 +1,9 @@
-"""LSKD (Wang et al., IEEE TIP 2024): layer-specific knowledge distillation (SPEC 3).
+"""LSKD (Wang et al., IEEE TIP 2024): layer-specific knowledge distillation (docs/MATHEMATICS.md §3).
 
 Terms at step t > 0 (each times its base factor, unweighted; released assignment):
 
 =======  ==========================================================  ======
-name     term                                                        SPEC
+name     term                                                        §3.1
 =======  ==========================================================  ======
 ce       CE on PLOP's entropy pseudo-labels x per-image adaptive     L0
          factor (see :mod:`lskd.methods.plop`)
@@ -16,7 +16,7 @@ md5      0.0005 * pod_distill(logits map, M)                         L8
 =======  ==========================================================  ======
 
 PLOP's ``sqrt(|C^{0:t}| / |C^t|)`` factor is not applied and there is no division by
-the number of maps (SPEC 3). The per-map scheme is DATA (``schemes: {map: scheme}``,
+the number of maps (docs/MATHEMATICS.md §3.1). The per-map scheme is DATA (``schemes: {map: scheme}``,
 scheme in :data:`SCHEMES`), so that a search can change it: ``"pod"`` -> ``pod{l}``;
 ``"md"`` -> ``md{l}`` (masks M and Nc; on the logits map M only, as released);
 ``"md+mcd"`` -> ``md{l}`` and the MCD term (named ``mcd`` on map 4, the released place,
@@ -24,7 +24,7 @@ and ``mcd{l}`` elsewhere); ``"none"`` -> nothing. Factors per map are data too
 (``map_factors``). MCD on a map with fewer channels than ``mcd_groups`` uses one group
 per channel.
 
-MD masks (:func:`lskd.md_masks`, SPEC 2.3) per masked map come from the teacher's maps on
+MD masks (:func:`lskd.md_masks`, docs/MATHEMATICS.md §2.3) per masked map come from the teacher's maps on
 three images: the input (A), the input with background/old pixels set to 0 in the
 normalised image (Cb) and the input with new pixels set to 0 (Dn). As released, both the
 erasure and ``rho_old = |{y < O}| / |y|``, ``rho_new = |{O <= y != 255}| / |y|`` (|y| = every
@@ -81,7 +81,7 @@ __all__ = [
 
 SCHEMES: Tuple[str, ...] = ("pod", "md", "md+mcd", "none")
 #: Not a scheme but the search's setting of a map: every candidate's basic term (pod<l>, md<l> and
-#: the MCD term) is returned, for :mod:`lskd.search` to weight them (SPEC 3.2).
+#: the MCD term) is returned, for :mod:`lskd.search` to weight them (docs/MATHEMATICS.md §5).
 SEARCH = "search"
 #: The released layer assignment: maps 0-1 Local POD, 2-3 MD, 4 MD + MCD, 5 masked POD (M only).
 RELEASED_SCHEMES: Dict[int, str] = {0: "pod", 1: "pod", 2: "md", 3: "md", 4: "md+mcd", 5: "md"}
@@ -90,7 +90,7 @@ RELEASED_MAP_FACTORS: Dict[int, float] = {0: 0.01, 1: 0.01, 2: 0.01, 3: 0.01, 4:
 LOGITS_MAP = 5
 #: ``ctx.cache`` key of the batch's ``(pseudo-labels [N, Hl, Wl], adaptive factor [N])``.
 PSEUDO_KEY = "pseudo_labels"
-#: Names of the six distilled maps (SPEC 1), as reported in summaries ("schemes").
+#: Names of the six distilled maps (docs/MATHEMATICS.md §1.2), as reported in summaries ("schemes").
 MAP_NAMES: Tuple[str, ...] = ("stage1", "stage2", "stage3", "stage4", "aspp", "logits")
 
 
@@ -169,7 +169,7 @@ def teacher_triplet(
 
 
 class LSKD(PseudoLabelStatistics, Method):
-    """LSKD's objective (module doc). ``terms`` returns the nine named terms of SPEC 3.
+    """LSKD's objective (module doc). ``terms`` returns the nine named terms of docs/MATHEMATICS.md §3.1.
 
     Args:
         schemes: map index (0..5) -> scheme in :data:`SCHEMES` (default :data:`RELEASED_SCHEMES`).
@@ -432,7 +432,7 @@ class LSKD(PseudoLabelStatistics, Method):
         self, labels: torch.Tensor, student_out: SegOutput, teacher_out: SegOutput, ctx: StepContext
     ) -> Dict[str, torch.Tensor]:
         """``{"ce": pseudo-labelled CE x adaptive factor, "unkd": 10 * UNKD}`` of a step t > 0 (the
-        terms without distillation maps; also the search's upper-level objective, SPEC 3.2).
+        terms without distillation maps; also the search's upper-level objective, docs/MATHEMATICS.md §5.2).
         The CE is PLOP's (:func:`lskd.methods.plop.pseudo_labelled_ce`) on the batch's cached
         pseudo-labels (:meth:`pseudo_labels`)."""
         size = labels.shape[-2:]

@@ -3,7 +3,7 @@
 Both losses model the background shift: at step t the student's background at a pixel
 labelled 0 may be an old class (UNCE merges background and old classes), and the
 teacher's background may be a new class (UNKD merges background and new classes).
-:func:`unbiased_kd` is reused by LSKD (L2 = 10 * UNKD, SPEC 3). UNCE averages over ALL pixels,
+:func:`unbiased_kd` is reused by LSKD (L2 = 10 * UNKD, docs/MATHEMATICS.md §3.3). UNCE averages over ALL pixels,
 ignored ones counting as 0, as the released code does (``mean_over="valid"``: over the
 non-ignored pixels).
 """

@@ -1,4 +1,4 @@
-"""Segmentation models: DeepLabV3 on ResNet backbones (SPEC 1, 4).
+"""Segmentation models: DeepLabV3 on ResNet backbones (docs/MATHEMATICS.md §1.2, §6.4).
 
 ``DeepLabV3(backbone, classes_per_step, output_stride=16, pretrained=None)`` returns
 :class:`SegOutput` (``logits``, the six distilled ``maps``); ``load_pretrained`` loads

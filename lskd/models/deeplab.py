@@ -1,4 +1,4 @@
-"""DeepLabV3 with one 1x1 classifier per incremental step (SPEC 1, 4).
+"""DeepLabV3 with one 1x1 classifier per incremental step (docs/MATHEMATICS.md §1.2, §6.4).
 
 Head: ASPP = a 1x1 branch, three 3x3 branches dilated 6/12/18 (12/24/36 at output
 stride 8) and an image-pooling branch (global average pool -> 1x1 -> BN -> ReLU,
@@ -9,7 +9,7 @@ and the released distillation sees the same map). Classifiers: one ``Conv2d(C, n
 per step t; logits = their concatenation, at feature resolution (the caller
 upsamples).
 
-Choices where the spec is silent: torchvision-style ASPP (the image-pooling branch is
+Choices where docs/MATHEMATICS.md is silent: torchvision-style ASPP (the image-pooling branch is
 concatenated, not added as in MiB's head); plain ``BatchNorm2d`` everywhere (so in
 training mode a device batch of 1 fails in the pooling branch, as in torchvision: use
 >= 2 images per device or SyncBatchNorm across devices).

@@ -1,4 +1,4 @@
-"""ResNet backbones for DeepLabV3 (SPEC 1, 4), written from scratch.
+"""ResNet backbones for DeepLabV3 (docs/MATHEMATICS.md §1.2, §6.4), written from scratch.
 
 Parameter names follow torchvision's ResNet (``conv1``, ``bn1``, ``layer1.0.conv1``,
 ``layer1.0.downsample.0``, ...), so ImageNet checkpoints in torchvision format load

@@ -1,6 +1,6 @@
 """distill_terms: several pod_distill / sop_distill loss terms in one call.
 
-A whole LSKD loss is seven terms over six maps (SPEC 3). Called one by one,
+A whole LSKD loss is seven terms over six maps (docs/MATHEMATICS.md §3.1). Called one by one,
 each term pays its own Python call, validation, dispatcher round trip and
 autograd node: on a GPU that host time (about 0.1-0.2 ms per term) is longer
 than the kernels of the smaller maps. ``distill_terms`` takes the terms as a
@@ -105,7 +105,7 @@ def distill_terms(terms: Sequence[Term], reduction: str = "mean", backend: str =
         A list with one tensor per term, each equal to what the single-term
         function returns (float32, float64 for float64 inputs).
 
-    Example (the released LSKD distillation of SPEC 3, maps s/t, masks m/k)::
+    Example (the released LSKD distillation of docs/MATHEMATICS.md §3.1, maps s/t, masks m/k)::
 
         pod0, pod1, md2, md3, md4, mcd, md5 = lskd.distill_terms([
             PodTerm(s[0], t[0]), PodTerm(s[1], t[1]),

@@ -1,4 +1,4 @@
-"""md_masks: the spatial and channel masks of mask-guided distillation (SPEC 2.3).
+"""md_masks: the spatial and channel masks of mask-guided distillation (docs/MATHEMATICS.md §2.3).
 
 The statistics (cosine maps and channel-mean gaps of the teacher's features on
 the image, on the image with background/old pixels erased and on the image
@@ -136,7 +136,7 @@ def md_masks(
     eps: float = 1e-8,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Spatial and channel masks of LSKD's mask-guided distillation (SPEC 2.3).
+    """Spatial and channel masks of LSKD's mask-guided distillation (docs/MATHEMATICS.md §2.3).
 
     Args:
         feat: teacher features on the input, ``[N, C, H, W]``.
@@ -183,7 +183,8 @@ def md_masks(
     total = labels[0].numel()
     is_old = labels < old_classes
     is_new = ~is_old & (labels != ignore_index)
-    # q = [rho_old, rho_new] (one count for both; count / total in the default float dtype, as before).
+    # q = [rho_old, rho_new] (one count for both; count / total in the default float dtype, as
+    # lskd.reference.md_masks computes rho, so that the quantile levels are the same bit for bit).
     q = torch.cat([is_old, is_new]).sum(dim=(1, 2)) / total
     # One sort for both cosine maps and one for both gap vectors (rows: bg then new).
     cos = torch.cat([cos_bg.reshape(n, -1), cos_new.reshape(n, -1)])

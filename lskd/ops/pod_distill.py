@@ -92,7 +92,7 @@ def pod_distill(
     reduction: str = "mean",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Local POD distance between student and teacher feature maps (SPEC 2.1).
+    """Local POD distance between student and teacher feature maps (docs/MATHEMATICS.md §2.1).
 
     Args:
         student: ``[N, C, H, W]`` float32/float64/bfloat16/float16, any memory

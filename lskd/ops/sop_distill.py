@@ -84,7 +84,7 @@ def sop_distill(
     reduction: str = "mean",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Second-order (outer-product) pooling distance, MCD (SPEC 2.2).
+    """Second-order (outer-product) pooling distance, MCD (docs/MATHEMATICS.md §2.2).
 
     Channels are split into ``groups`` groups of ``k = C // groups`` channels
     (the last ``C - groups * k`` are left out). Each group is average-pooled

@@ -18,7 +18,8 @@ File format: a ``torch.save`` file holding ``{"format": "lskd-checkpoint", "vers
 dict and ``DIGEST`` the SHA-256 (hex) of ``BYTES``. :func:`load_checkpoint` verifies the digest
 before it unpickles the payload, so a file changed after it was written (a flipped bit on disk,
 a damaged copy) raises :class:`CheckpointCorrupt` instead of silently loading other weights.
-Files from before the checksum (the bare checkpoint dict) still load, unverified.
+A file holding the bare checkpoint dict (no checksum) loads unverified, so that checkpoints
+written without the digest stay usable.
 
 ``identity`` = what must match for a checkpoint to continue a run: dataset kind and class
 names, task (name and class lists), overlap/disjoint, method, backbone, output stride.
@@ -113,8 +114,8 @@ def _unwrap(wrapper: Dict[str, Any], path: Path, map_location: Union[str, torch.
 
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
     """Load a checkpoint written by the trainer; clear errors for a missing, unreadable or corrupt
-    file (:class:`CheckpointCorrupt` when its SHA-256 does not match). Old files without a
-    checksum load unverified."""
+    file (:class:`CheckpointCorrupt` when its SHA-256 does not match). A bare checkpoint dict
+    without a checksum loads unverified."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")

@@ -1,4 +1,4 @@
-"""Segmentation metrics of class-incremental runs (SPEC 4).
+"""Segmentation metrics of class-incremental runs (docs/MATHEMATICS.md §6.3).
 
 After step ``t`` the evaluation labels keep the classes learnt so far and map every other class
 to 255 (:func:`lskd.data.eval_lut`); the prediction is the argmax over all the model's outputs.
@@ -7,7 +7,7 @@ non-ignored pixels. Per class ``IoU_c = cm[c, c] / (sum_row_c + sum_col_c - cm[c
 with neither ground truth nor prediction has an undefined IoU (NaN), which is left out of the
 means (and written ``null`` in JSON).
 
-mIoU groups (SPEC 4): "old" = the classes of step 0 (``0..|C^0|-1``, background included),
+mIoU groups (docs/MATHEMATICS.md §6.3): "old" = the classes of step 0 (``0..|C^0|-1``, background included),
 "new" = the classes learnt at steps ``1..t`` (undefined at step 0), "all" = every class learnt
 up to ``t``. All three are in percent in the reports.
 
