@@ -4,6 +4,7 @@
 #   make demo    the main job: the synthetic CISS demo comparing the methods
 #   make example the drop-in losses inside a small training loop
 #   make test    build, then the test suite (what CI runs)
+#   make lint    ruff (lint + format check) and clang-format check (CI runs it first)
 #   make bench   CPU benchmarks (pytest-benchmark), JSON in benches/results/
 #   make build   (re)build lskd._C into the venv
 #   make clean   remove build outputs (keeps .venv)
@@ -21,9 +22,13 @@ BUILD_ENV := CUDA_HOME=$(CUDA_HOME) FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$${TORCH_
 endif
 endif
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
-STAMP_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+STAMP_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: venv build test demo example bench clean
+# Pinned: another version of a formatter formats differently.
+LINT_TOOLS ?= ruff==0.17.6 clang-format==23.1.5
+CXX_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh tests/cuda_emu/*.h tests/cuda_emu/*.cpp)
+
+.PHONY: venv build test lint demo example bench clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +44,15 @@ $(VENV)/.built: $(VENV)/.deps $(STAMP_SOURCES)
 	touch $@
 
 build: $(VENV)/.built
+
+$(VENV)/.lint: $(VENV)/.deps
+	$(PY) -m pip install -q $(LINT_TOOLS)
+	touch $@
+
+lint: $(VENV)/.lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run -Werror $(CXX_SOURCES)
 
 test: $(VENV)/.built
 	$(PY) -m pytest tests -q -ra

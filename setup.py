@@ -1,4 +1,4 @@
-"""Build of lskd: the Python package, the Triton kernels and the lskd._C extension.
+"""Build of lskd's extension lskd._C (the package metadata is in pyproject.toml).
 
 lskd._C always holds the C++ CPU kernels (csrc/*.cpp: schemas, autograd and
 fused ops; csrc/cpu/*.cpp, OpenMP).
@@ -16,6 +16,7 @@ CI). Environment:
 Install with ``pip install --no-build-isolation .`` so that the extension is
 built against the torch you already have.
 """
+
 from __future__ import annotations
 
 import glob
@@ -26,7 +27,6 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = "0.1.0"
 
 
 def _say(msg: str) -> None:
@@ -108,8 +108,10 @@ def _extensions():
                 include_dirs.append(inc)
                 break
         define_macros.append(("LSKD_WITH_CUDA", None))
-        _say(f"building CUDA kernels with CUDA_HOME={cuda_home}, "
-             f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        _say(
+            f"building CUDA kernels with CUDA_HOME={cuda_home}, "
+            f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
+        )
         ext = CUDAExtension(
             "lskd._C",
             sources,
@@ -145,22 +147,6 @@ def _write_build_info(torch_version: str, with_cuda: bool) -> None:
 
 ext_modules, cmdclass = _extensions()
 
-setup(
-    name="lskd",
-    version=VERSION,
-    description="Fused layer-specific knowledge distillation losses for class-incremental semantic segmentation",
-    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.9",
-    packages=["lskd", "lskd.ops", "lskd.kernels", "lskd.data", "lskd.models", "lskd.methods", "lskd.train"],
-    package_dir={"lskd": "lskd", "lskd.ops": "lskd/ops", "lskd.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "expecttest"],
-        "triton": ["triton"],
-    },
-    entry_points={"console_scripts": ["lskd = lskd.cli:main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+# The metadata, dependencies and the console script are in pyproject.toml; this file builds
+# the extension only (as torchvision and flash-attention do).
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

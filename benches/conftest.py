@@ -1,4 +1,5 @@
 """Benchmark session set-up: device facts recorded once in every result."""
+
 from __future__ import annotations
 
 import os

@@ -19,6 +19,7 @@ Usage (after ``pip install --no-build-isolation -e .`` on the GPU machine):
 Prints one PASS/FAIL line per case and a summary; without a CUDA device (or
 without the CUDA kernels) it prints SKIP and exits 0 / FAIL and exits 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -119,7 +120,7 @@ def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "padded":  # non-dense rows, storage offset of one element (misaligned)
         n, c, h, w = x.shape
         big = torch.zeros(n, c, h, w + 3, dtype=x.dtype, device=x.device)
-        view = big[..., 1:w + 1]
+        view = big[..., 1 : w + 1]
         view.copy_(x)
         return view
     raise ValueError(layout)
@@ -233,7 +234,7 @@ def check_pod(rep, ref, shape, dtype, layout, scales, square, mask_kind, seed):
     fmt_ok = grad.dtype == a.dtype and grad.shape == a.shape and dist.dtype == acc and emb.dtype == acc
     if layout in ("contig", "cl"):
         fmt_ok = fmt_ok and grad.stride() == a_l.stride()
-    ok = (e_d <= TOL_ACC[dtype] and e_e <= TOL_ACC[dtype] and e_g <= TOL_GRAD[dtype] and det and fmt_ok)
+    ok = e_d <= TOL_ACC[dtype] and e_e <= TOL_ACC[dtype] and e_g <= TOL_GRAD[dtype] and det and fmt_ok
     rep.result(name, ok, f"dist={e_d:.1e} emb={e_e:.1e} grad={e_g:.1e} det={det} fmt={fmt_ok}")
 
 
@@ -264,8 +265,10 @@ def sop_ref_generic(a64, b64, sm, cm, groups, window, stride, padding):
 
 
 def check_sop(rep, ref, shape, dtype, layout, groups, window, stride, padding, mask_kind, seed, use_release_ref):
-    name = (f"sop {list(shape)} {DNAME[dtype]} {layout} G={groups} win={tuple(window)} str={tuple(stride)} "
-            f"pad={tuple(padding)} masks={mask_kind}")
+    name = (
+        f"sop {list(shape)} {DNAME[dtype]} {layout} G={groups} win={tuple(window)} str={tuple(stride)} "
+        f"pad={tuple(padding)} masks={mask_kind}"
+    )
     gen = torch.Generator(device=DEV).manual_seed(seed)
     n, c, h, w = shape
     acc = acc_dtype(dtype)
@@ -276,11 +279,13 @@ def check_sop(rep, ref, shape, dtype, layout, groups, window, stride, padding, m
     outs = []
     for _ in range(2):
         poison()
-        dist, pgrad = torch.ops.lskd.sop_forward(a_l, b_l, sm_op, cm_op, groups, list(window), list(stride),
-                                                 list(padding))
+        dist, pgrad = torch.ops.lskd.sop_forward(
+            a_l, b_l, sm_op, cm_op, groups, list(window), list(stride), list(padding)
+        )
         poison()
-        grad = torch.ops.lskd.sop_backward(gd, a_l, sm_op, cm_op, dist, pgrad, groups, list(window), list(stride),
-                                           list(padding))
+        grad = torch.ops.lskd.sop_backward(
+            gd, a_l, sm_op, cm_op, dist, pgrad, groups, list(window), list(stride), list(padding)
+        )
         sync()
         outs.append((dist, pgrad, grad))
     dist, pgrad, grad = outs[0]
@@ -307,10 +312,17 @@ def check_sop(rep, ref, shape, dtype, layout, groups, window, stride, padding, m
     fmt_ok = grad.dtype == a.dtype and grad.shape == a.shape and dist.dtype == acc and pgrad.dtype == acc
     if layout in ("contig", "cl"):
         fmt_ok = fmt_ok and grad.stride() == a_l.stride()
-    ok = (e_d <= 5 * TOL_ACC[dtype] and e_p <= 5 * TOL_ACC[dtype] and e_g <= 2 * TOL_GRAD[dtype] and det
-          and fmt_ok and e_refs <= 1e-9)
-    rep.result(name, ok, f"dist={e_d:.1e} pooled_grad={e_p:.1e} grad={e_g:.1e} det={det} fmt={fmt_ok} "
-                         f"ref_agree={e_refs:.1e}")
+    ok = (
+        e_d <= 5 * TOL_ACC[dtype]
+        and e_p <= 5 * TOL_ACC[dtype]
+        and e_g <= 2 * TOL_GRAD[dtype]
+        and det
+        and fmt_ok
+        and e_refs <= 1e-9
+    )
+    rep.result(
+        name, ok, f"dist={e_d:.1e} pooled_grad={e_p:.1e} grad={e_g:.1e} det={det} fmt={fmt_ok} ref_agree={e_refs:.1e}"
+    )
 
 
 # ----------------------------------------------------------------------------- md
@@ -375,8 +387,12 @@ def check_special(rep, ref):
                 ok = bool(torch.isnan(d[0])) and bool(torch.isfinite(d[1:]).all())
                 rep.result(f"sop NaN-propagation {list(shape)} {DNAME[dtype]} {layout}", ok)
                 cb, cn, gb, gn = torch.ops.lskd.md_stats(al, bl, bl, 1e-8)
-                ok = (bool(torch.isnan(cb[0, 0, 0])) and bool(torch.isnan(gb[0, 0]))
-                      and bool(torch.isfinite(cb[1:]).all()) and bool(torch.isfinite(gb[1:]).all()))
+                ok = (
+                    bool(torch.isnan(cb[0, 0, 0]))
+                    and bool(torch.isnan(gb[0, 0]))
+                    and bool(torch.isfinite(cb[1:]).all())
+                    and bool(torch.isfinite(gb[1:]).all())
+                )
                 rep.result(f"md NaN-propagation {list(shape)} {DNAME[dtype]} {layout}", ok)
     # expanded (stride-0) grad_dist, as autograd gives for a mean
     a, b = inputs((2, 4, 8, 8), torch.float32, torch.Generator(device=dev).manual_seed(3))
@@ -385,16 +401,22 @@ def check_special(rep, ref):
     g2 = torch.ops.lskd.pod_backward(torch.tensor(0.5, device=dev).expand(2), a, None, None, d, e, [1, 2], True)
     rep.result("pod expanded grad_dist", bitwise_equal(g1, g2))
     d, pg = torch.ops.lskd.sop_forward(a, b, None, None, 2, [3, 3], [1, 1], [1, 1])
-    g1 = torch.ops.lskd.sop_backward(torch.full((2,), 0.5, device=dev), a, None, None, d, pg, 2, [3, 3], [1, 1],
-                                     [1, 1])
-    g2 = torch.ops.lskd.sop_backward(torch.tensor(0.5, device=dev).expand(2), a, None, None, d, pg, 2, [3, 3],
-                                     [1, 1], [1, 1])
+    g1 = torch.ops.lskd.sop_backward(torch.full((2,), 0.5, device=dev), a, None, None, d, pg, 2, [3, 3], [1, 1], [1, 1])
+    g2 = torch.ops.lskd.sop_backward(
+        torch.tensor(0.5, device=dev).expand(2), a, None, None, d, pg, 2, [3, 3], [1, 1], [1, 1]
+    )
     rep.result("sop expanded grad_dist", bitwise_equal(g1, g2))
 
 
 # ----------------------------------------------------------------------------- plan
-LSKD_SHAPES = [(2, 256, 128, 128), (2, 512, 64, 64), (2, 1024, 32, 32), (2, 2048, 32, 32), (2, 256, 32, 32),
-               (2, 16, 32, 32)]
+LSKD_SHAPES = [
+    (2, 256, 128, 128),
+    (2, 512, 64, 64),
+    (2, 1024, 32, 32),
+    (2, 2048, 32, 32),
+    (2, 256, 32, 32),
+    (2, 16, 32, 32),
+]
 
 
 def pod_cases(quick):
@@ -407,8 +429,12 @@ def pod_cases(quick):
                 square = not (si == len(shapes) - 1 and di == 0)
                 cases.append((shape, dtype, layout, (1, 2, 4), square, mk))
     odd = [
-        ((1, 1, 1, 1), (1,)), ((2, 3, 70, 33), (1, 2, 4)), ((1, 5, 7, 129), (1, 2, 4)), ((3, 2, 1, 9), (1,)),
-        ((2, 3, 17, 19), (1, 3, 5)), ((2, 4, 9, 300), (2, 3)),
+        ((1, 1, 1, 1), (1,)),
+        ((2, 3, 70, 33), (1, 2, 4)),
+        ((1, 5, 7, 129), (1, 2, 4)),
+        ((3, 2, 1, 9), (1,)),
+        ((2, 3, 17, 19), (1, 3, 5)),
+        ((2, 4, 9, 300), (2, 3)),
         ((1, 2, 40, 40), (9, 10, 11, 12, 13, 14, 15, 16)),  # > 64 atoms: generic kernels
         ((1, 2, 3, 13000), (1, 2, 3)),  # rows too wide for shared memory: generic forward
         ((1, 2, 13000, 3), (1, 2, 3)),  # tables too tall: generic backward
@@ -488,8 +514,14 @@ def bench(ref) -> None:
         return times[len(times) // 2]
 
     print(f"# bench on {torch.cuda.get_device_name()} (ms, median; floor = bytes / 4.18 TB/s)")
-    shapes = [(12, 256, 128, 128), (12, 512, 64, 64), (12, 1024, 32, 32), (12, 2048, 32, 32), (12, 256, 32, 32),
-              (12, 16, 32, 32)]
+    shapes = [
+        (12, 256, 128, 128),
+        (12, 512, 64, 64),
+        (12, 1024, 32, 32),
+        (12, 2048, 32, 32),
+        (12, 256, 32, 32),
+        (12, 16, 32, 32),
+    ]
     for dtype in (torch.bfloat16, torch.float32):
         es = torch.tensor([], dtype=dtype).element_size()
         tot_pod = tot_md = 0.0
@@ -507,15 +539,19 @@ def bench(ref) -> None:
             floor_m = 3 * numel * es / 4.18e12 * 1e3
             tot_pod += t_f + t_b
             tot_md += t_m
-            print(f"{DNAME[dtype]} {list(shape)} pod fwd {t_f:.3f} bwd {t_b:.3f} (floor {floor:.3f}); "
-                  f"md_stats {t_m:.3f} (floor {floor_m:.3f})")
+            print(
+                f"{DNAME[dtype]} {list(shape)} pod fwd {t_f:.3f} bwd {t_b:.3f} (floor {floor:.3f}); "
+                f"md_stats {t_m:.3f} (floor {floor_m:.3f})"
+            )
         a, b = inputs((12, 256, 32, 32), dtype, torch.Generator(device=DEV).manual_seed(0))
         gd = torch.ones(12, device=DEV, dtype=acc_dtype(dtype))
         d, pg = torch.ops.lskd.sop_forward(a, b, None, None, 20, [5, 5], [2, 2], [2, 2])
         t_f = timeit(lambda: torch.ops.lskd.sop_forward(a, b, None, None, 20, [5, 5], [2, 2], [2, 2]))
         t_b = timeit(lambda: torch.ops.lskd.sop_backward(gd, a, None, None, d, pg, 20, [5, 5], [2, 2], [2, 2]))
-        print(f"{DNAME[dtype]} sop [12,256,32,32] fwd {t_f:.3f} bwd {t_b:.3f} "
-              f"(floor {4 * a.numel() * es / 4.18e12 * 1e3:.3f})")
+        print(
+            f"{DNAME[dtype]} sop [12,256,32,32] fwd {t_f:.3f} bwd {t_b:.3f} "
+            f"(floor {4 * a.numel() * es / 4.18e12 * 1e3:.3f})"
+        )
         print(f"{DNAME[dtype]} total pod fwd+bwd over six maps {tot_pod:.3f} ms; md_stats six maps {tot_md:.3f} ms")
 
 
@@ -524,8 +560,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--bench", action="store_true", help="also time the ops at N = 12")
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                    help="cpu: dry run of this script against the CPU kernels (no GPU needed)")
+    ap.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="cpu: dry run of this script against the CPU kernels (no GPU needed)",
+    )
     ap.add_argument("--lib", default=None, help="load this kernel library instead of lskd._C")
     args = ap.parse_args()
     global DEV

@@ -2,10 +2,10 @@
 
 Shared by benches/test_bench_ops.py (pytest-benchmark) and benches/summarize.py.
 """
+
 from __future__ import annotations
 
 import os
-
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -72,8 +72,9 @@ def make_maps(shapes: Sequence[Tuple[int, int, int, int]], dtype: torch.dtype, s
     return students, teachers, spatial, channel
 
 
-def lskd_loss(students, teachers, spatial, channel, backend: Optional[str], fused: bool = True,
-              groups: int = 20) -> torch.Tensor:
+def lskd_loss(
+    students, teachers, spatial, channel, backend: Optional[str], fused: bool = True, groups: int = 20
+) -> torch.Tensor:
     """The released LSKD distillation terms over the six maps, fixed weights (docs/MATHEMATICS.md §3.1).
 
     Maps 0-1 Local POD, 2-3 MD, 4 MD + MCD, 5 masked Local POD. ``backend=None``
@@ -97,19 +98,26 @@ def lskd_loss(students, teachers, spatial, channel, backend: Optional[str], fuse
         )
     else:
         if backend is None:
+
             def pod(a, b, sm=None, cm=None):
                 return reference.pod_distances(a, b, sm, cm).mean()
 
             def sop(a, b, sm=None, cm=None):
                 return reference.sop_distances(a, b, sm, cm, groups=groups).mean()
         else:
+
             def pod(a, b, sm=None, cm=None):
                 return lskd.pod_distill(a, b, sm, cm, backend=backend)
 
             def sop(a, b, sm=None, cm=None):
                 return lskd.sop_distill(a, b, sm, cm, groups=groups, backend=backend)
 
-        pod0, pod1, md2, md3 = pod(s[0], t[0]), pod(s[1], t[1]), pod(s[2], t[2], m[2], n[2]), pod(s[3], t[3], m[3], n[3])
+        pod0, pod1, md2, md3 = (
+            pod(s[0], t[0]),
+            pod(s[1], t[1]),
+            pod(s[2], t[2], m[2], n[2]),
+            pod(s[3], t[3], m[3], n[3]),
+        )
         md4, mcd, md5 = pod(s[4], t[4], m[4], n[4]), sop(s[4], t[4], m[4], n[4]), pod(s[5], t[5], m[5], None)
     loss = 0.01 * (pod0 + pod1 + md2 + md3)
     return loss + 0.01 * md4 + 0.005 * mcd + 0.0005 * md5

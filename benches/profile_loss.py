@@ -10,6 +10,7 @@ bottleneck), the kernels by total time and the host ops by self CPU time.
 
     python benches/profile_loss.py [--iters 20] [--json out.json] [--backend cuda]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(__file__))
-import lskd  # noqa: E402
 import lskd_workload as wl  # noqa: E402
+
+import lskd  # noqa: E402
 
 
 def _workloads(backend: str, dtype: torch.dtype):
@@ -36,6 +38,7 @@ def _workloads(backend: str, dtype: torch.dtype):
             for x in s:
                 x.grad = None
             wl.lskd_loss(s, t, m, n, backend, fused=fused).backward()
+
         return run
 
     feats = [f.detach() for f in s]
@@ -75,8 +78,10 @@ def _profile(fn, iters: int):
     top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:12]
     host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
     return {
-        "host_ops": [{"name": e.key[:70], "per_iter": e.count / iters, "self_cpu_us_per_iter": e.self_cpu_time_total / iters}
-                     for e in host],
+        "host_ops": [
+            {"name": e.key[:70], "per_iter": e.count / iters, "self_cpu_us_per_iter": e.self_cpu_time_total / iters}
+            for e in host
+        ],
         "wall_ms": wall * 1e3,
         "kernel_ms": kernel_us / 1e3,
         "launches_per_iter": launches,
@@ -96,8 +101,10 @@ def main() -> int:
             r = _profile(fn, args.iters)
             r.update(workload=name, dtype=str(dtype).replace("torch.", ""), backend=args.backend)
             results.append(r)
-            print(f"\n## {name}, {r['dtype']}, {args.backend}: wall {r['wall_ms']:.3f} ms/iter, kernels "
-                  f"{r['kernel_ms']:.3f} ms/iter ({r['launches_per_iter']:.0f} launches)")
+            print(
+                f"\n## {name}, {r['dtype']}, {args.backend}: wall {r['wall_ms']:.3f} ms/iter, kernels "
+                f"{r['kernel_ms']:.3f} ms/iter ({r['launches_per_iter']:.0f} launches)"
+            )
             for k in r["top_kernels"]:
                 print(f"  {k['us_per_iter']:9.1f} us  x{k['per_iter']:4.0f}  {k['name']}")
             print("  host (self CPU time, under the profiler):")
@@ -105,7 +112,9 @@ def main() -> int:
                 print(f"  {k['self_cpu_us_per_iter']:9.1f} us  x{k['per_iter']:4.0f}  {k['name']}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if wl.on_gpu() else "cpu", "results": results}, f, indent=1)
+            json.dump(
+                {"device": torch.cuda.get_device_name() if wl.on_gpu() else "cpu", "results": results}, f, indent=1
+            )
     return 0
 
 

@@ -6,6 +6,7 @@ One row per (op, shape, dtype, backend): median time, speed-up over the eager
 reference and over torch.compile of it (same run), bytes floor, achieved GB/s,
 fraction of the measured copy bandwidth, time over the floor, peak extra memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,16 +56,18 @@ def table(data) -> str:
         f"measured copy bandwidth {fmt(first.get('copy_bandwidth_GBps'), '.0f')} GB/s\n\n"
     )
     lines = [
-        "| op | shape | dtype | backend | median ms | vs eager | vs compile | floor ms | x floor | GB/s | % copy BW | peak extra MB |",
+        "| op | shape | dtype | backend | median ms | vs eager | vs compile | floor ms | x floor | GB/s "
+        "| % copy BW | peak extra MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows(data):
         if r["floor_ms"] < 1e-3:  # fixed-cost (overhead) rows: no meaningful memory floor
             r.update(x_floor=None, bw_frac=None)
         lines.append(
-            f"| {r['op']} | {r['shape'] if len(r['shape']) < 30 else 'six LSKD maps'} | {r['dtype']} | {r['backend']} | "
-            f"{r['ms']:.3f} | {fmt(r['vs_eager'], '.1f')} | {fmt(r['vs_compile'], '.1f')} | {r['floor_ms']:.3f} | "
-            f"{fmt(r['x_floor'], '.1f')} | {r['GBps']:.1f} | {fmt(r['bw_frac'] and 100 * r['bw_frac'], '.0f')} | {fmt(r['peak_MB'], '.0f')} |"
+            f"| {r['op']} | {r['shape'] if len(r['shape']) < 30 else 'six LSKD maps'} | {r['dtype']} "
+            f"| {r['backend']} | {r['ms']:.3f} | {fmt(r['vs_eager'], '.1f')} | {fmt(r['vs_compile'], '.1f')} "
+            f"| {r['floor_ms']:.3f} | {fmt(r['x_floor'], '.1f')} | {r['GBps']:.1f} "
+            f"| {fmt(r['bw_frac'] and 100 * r['bw_frac'], '.0f')} | {fmt(r['peak_MB'], '.0f')} |"
         )
     return head + "\n".join(lines) + "\n" + compile_note(data)
 
@@ -75,20 +78,27 @@ def compile_note(data) -> str:
     for b in data["benchmarks"]:
         e = b["extra_info"]
         if e.get("backend") == "compile" and e.get("first_call_s") is not None:
-            cache = ", ".join(f"{k} {v}" for k, v in sorted((e.get("compile_cache") or {}).items())) or "no cache events"
+            cache = (
+                ", ".join(f"{k} {v}" for k, v in sorted((e.get("compile_cache") or {}).items())) or "no cache events"
+            )
             notes.append(f"{e['op']} {e['dtype']} {e['first_call_s']:.1f} s ({cache})")
     return "\ntorch.compile first call: " + "; ".join(notes) + "\n" if notes else ""
 
 
 def training_table(data) -> str:
     """Seconds per training iteration per weighting / search variant (benches/test_bench_training.py)."""
-    runs = {b["extra_info"]["variant"]: b["extra_info"] for b in data["benchmarks"] if b["extra_info"].get("kind") == "training"}
+    runs = {
+        b["extra_info"]["variant"]: b["extra_info"]
+        for b in data["benchmarks"]
+        if b["extra_info"].get("kind") == "training"
+    }
     if not runs:
         return ""
     first = next(iter(runs.values()))
     base = runs.get("fixed", {}).get("s_per_iter")
     lines = [
-        f"training iteration, LSKD step 1 ({first['backbone']}, {first['size']}x{first['size']}, batch {first['batch']}) "
+        f"training iteration, LSKD step 1 ({first['backbone']}, {first['size']}x{first['size']}, "
+        f"batch {first['batch']}) "
         f"on {first.get('gpu') or first.get('device')}",
         "",
         "| variant | s / iteration | vs fixed | s / search iteration | search vs fixed |",

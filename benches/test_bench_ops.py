@@ -9,6 +9,7 @@ forces the CPU); on the CPU the same maps scaled down. Every result carries in
 extra_info the bytes the op must move (its memory floor), the achieved GB/s,
 the fraction of the measured copy bandwidth and, on GPUs, the peak extra memory.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-import lskd  # noqa: E402
 import lskd_workload as wl  # noqa: E402
+
+import lskd  # noqa: E402
 from lskd import reference  # noqa: E402
 
 DEV = wl.device()
@@ -31,8 +33,9 @@ if DEV.type == "cpu":
 _expected = [b for b in os.environ.get("LSKD_BENCH_EXPECT", "").split(",") if b]
 _missing = [b for b in _expected if b not in KERNEL_BACKENDS]
 if _missing:  # never drop a backend from the record silently
-    raise RuntimeError(f"benchmarks: expected backends {_missing} are unavailable on {DEV}: "
-                       f"{lskd.available_backends(DEV)}")
+    raise RuntimeError(
+        f"benchmarks: expected backends {_missing} are unavailable on {DEV}: {lskd.available_backends(DEV)}"
+    )
 ROUNDS = int(os.environ.get("LSKD_BENCH_ROUNDS", "20" if wl.on_gpu() else "5"))
 _compiled = {}
 # Which benchmarks get a torch.compile column: "all" (default), "loss" (the whole loss only:
@@ -127,8 +130,10 @@ def test_pod_distill(benchmark, device_info, backend, shape, dtype):
 
     fn = _loss_fn(ref, backend, ("pod", shape, dtype))
     if fn is None:
+
         def fn():
             lskd.pod_distill(a, b, backend=backend).backward()
+
     benchmark.group = f"pod_distill {_shape_id(shape)} {_dtype_id(dtype)}"
     _run(benchmark, device_info, "pod_distill", backend, [shape], dtype, fn, [a])
 
@@ -149,8 +154,10 @@ def test_sop_distill(benchmark, device_info, backend, shape, dtype):
 
     fn = _loss_fn(ref, backend, ("sop", shape, dtype))
     if fn is None:
+
         def fn():
             lskd.sop_distill(a, b, backend=backend).backward()
+
     benchmark.group = f"sop_distill {_shape_id(shape)} {_dtype_id(dtype)}"
     _run(benchmark, device_info, "sop_distill", backend, [shape], dtype, fn, [a])
 
@@ -194,5 +201,6 @@ def test_lskd_loss(benchmark, device_info, backend, dtype):
 
         def fn():
             wl.lskd_loss(s, t, m, n, impl, fused=fused).backward()
+
     benchmark.group = f"lskd_loss six maps {_dtype_id(dtype)}"
     _run(benchmark, device_info, "lskd_loss", backend, shapes, dtype, fn, s)

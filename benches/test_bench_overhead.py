@@ -22,6 +22,7 @@ tiny maps (seven loss terms, one backward). The records carry the same
 extra_info as test_bench_ops.py, so summarize.py tabulates them; their op
 is prefixed "overhead" so that they form their own groups.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-import lskd  # noqa: E402
 import lskd_workload as wl  # noqa: E402
+
+import lskd  # noqa: E402
 from lskd import reference  # noqa: E402
 from lskd.ops._backends import _unavailable  # noqa: E402
 
@@ -98,11 +100,14 @@ def test_overhead_pod_distill(benchmark, device_info, backend, shape):
     s, t, _, _ = wl.make_maps([shape], torch.float32)
     a, b = s[0], t[0]
     if backend == "eager":
+
         def fn():
             reference.pod_distances(a, b).mean().backward()
     else:
+
         def fn():
             lskd.pod_distill(a, b, backend=backend).backward()
+
     benchmark.group = f"overhead pod_distill {_shape_id(shape)}"
     _measure(benchmark, device_info, "pod_distill", backend, [shape], torch.float32, fn, [a])
 
@@ -115,11 +120,14 @@ def test_overhead_sop_distill(benchmark, device_info, backend, shape):
     a, b = s[0], t[0]
     groups = 2  # C = 4 on the tiny map
     if backend == "eager":
+
         def fn():
             reference.sop_distances(a, b, groups=groups).mean().backward()
     else:
+
         def fn():
             lskd.sop_distill(a, b, groups=groups, backend=backend).backward()
+
     benchmark.group = f"overhead sop_distill {_shape_id(shape)}"
     _measure(benchmark, device_info, "sop_distill", backend, [shape], torch.float32, fn, [a])
 

@@ -14,6 +14,7 @@ LSKD_TRAIN_BENCH_SIZE (64 / 256), LSKD_TRAIN_BENCH_BATCH (16 / 12), LSKD_TRAIN_B
     pytest benches/test_bench_training.py --benchmark-only --benchmark-json=train.json
     python benches/summarize.py train.json
 """
+
 from __future__ import annotations
 
 import json
@@ -46,9 +47,23 @@ def _config(data, out, **kw):
     from lskd.train import TrainConfig
 
     base = dict(
-        dataset="folder", data_root=str(data), task="2-2", method="lskd", out=str(out), backbone=BACKBONE,
-        output_stride=16 if GPU else 8, epochs=1, epochs_next=EPOCHS, batch_size=BATCH, crop=SIZE,
-        eval_size=SIZE, workers=2 if GPU else 0, quiet=True, device=str(wl.device()), lr=0.01, lr_next=0.01,
+        dataset="folder",
+        data_root=str(data),
+        task="2-2",
+        method="lskd",
+        out=str(out),
+        backbone=BACKBONE,
+        output_stride=16 if GPU else 8,
+        epochs=1,
+        epochs_next=EPOCHS,
+        batch_size=BATCH,
+        crop=SIZE,
+        eval_size=SIZE,
+        workers=2 if GPU else 0,
+        quiet=True,
+        device=str(wl.device()),
+        lr=0.01,
+        lr_next=0.01,
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -84,6 +99,6 @@ def test_training_iteration(benchmark, device_info, step0, variant):
         size=SIZE,
         batch=BATCH,
         iterations=sum(h["iterations"] for h in history),
-        s_per_iter=per_iter(history[max(1, searched):]),
+        s_per_iter=per_iter(history[max(1, searched) :]),
         s_per_iter_search=per_iter(history[1:searched]) if searched > 1 else None,
     )

@@ -24,6 +24,7 @@ small maps, for tests (warms nothing the benchmark uses). --backend: torch.compi
 Prints one line per dtype (first-call time, cache hits and misses, where the time went)
 and exits non-zero if a compilation failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,9 +65,8 @@ def phase_times() -> dict:
 
 
 def warm(dtype_name: str, maps: str, backend: str) -> dict:
-    import torch
-
     import lskd_workload as wl
+    import torch
 
     dtype = getattr(torch, dtype_name)
     shapes = wl.lskd_maps() if maps == "bench" else TINY_MAPS
@@ -126,8 +126,19 @@ def run_parallel(args, dtypes) -> tuple[list, int]:
     env = {"TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 1) // len(dtypes))), **os.environ}
     for d in dtypes:
         out = os.path.join(tmp, f"{d}.json")
-        cmd = [sys.executable, os.path.abspath(__file__), "--dtypes", d, "--child", "--json", out,
-               "--maps", args.maps, "--backend", args.backend]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--dtypes",
+            d,
+            "--child",
+            "--json",
+            out,
+            "--maps",
+            args.maps,
+            "--backend",
+            args.backend,
+        ]
         children.append((d, subprocess.Popen(cmd, env=env), out))
     results, rc = [], 0
     for d, proc, out in children:
@@ -157,8 +168,11 @@ def main() -> int:
     jobs = 1 if args.child else args.jobs or (len(dtypes) if (os.cpu_count() or 1) >= 8 else 1)
     cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if not args.child:
-        print(f"warm_compile: dtypes {dtypes}, {min(jobs, len(dtypes))} process(es), inductor cache "
-              f"{cache or '(TORCHINDUCTOR_CACHE_DIR unset: inductor default under the temp dir)'}", flush=True)
+        print(
+            f"warm_compile: dtypes {dtypes}, {min(jobs, len(dtypes))} process(es), inductor cache "
+            f"{cache or '(TORCHINDUCTOR_CACHE_DIR unset: inductor default under the temp dir)'}",
+            flush=True,
+        )
     rc = 0
     if jobs > 1 and len(dtypes) > 1:
         results, rc = run_parallel(args, dtypes)

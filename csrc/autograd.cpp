@@ -43,13 +43,19 @@ using torch::autograd::variable_list;
 
 // Inputs that never get a gradient: detached, so that the graph keeps no edge
 // to them (and nothing of the graph that produced them).
-inline at::Tensor no_grad_input(const at::Tensor& t) { return t.requires_grad() ? t.detach() : t; }
+inline at::Tensor no_grad_input(const at::Tensor& t) {
+  return t.requires_grad() ? t.detach() : t;
+}
 inline OptTensor no_grad_input(const OptTensor& t) {
   if (t.has_value() && t->defined() && t->requires_grad()) return t->detach();
   return t;
 }
-inline at::Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
-inline OptTensor as_optional(const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
+inline at::Tensor or_undefined(const OptTensor& t) {
+  return t.has_value() ? *t : at::Tensor();
+}
+inline OptTensor as_optional(const at::Tensor& t) {
+  return t.defined() ? OptTensor(t) : OptTensor();
+}
 
 // Whether the autograd graph must be recorded (the only differentiable input is the student).
 inline bool needs_graph(const at::Tensor& student) {
@@ -134,20 +140,20 @@ struct PodDistillFunction : public torch::autograd::Function<PodDistillFunction>
     return reduce(dist, reduction);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {pod_grad(ctx, grads[0]), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+    return {
+        pod_grad(ctx, grads[0]), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor> pod_forward_autograd(const at::Tensor& student, const at::Tensor& teacher,
-                                                        const OptTensor& m, const OptTensor& k,
-                                                        at::IntArrayRef scales, bool square) {
+                                                        const OptTensor& m, const OptTensor& k, at::IntArrayRef scales,
+                                                        bool square) {
   if (!needs_graph(student)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return pod_forward_op().call(student, teacher, m, k, scales, square);
   }
-  auto out = PodForwardFunction::apply(student, no_grad_input(teacher), no_grad_input(m), no_grad_input(k),
-                                       scales, square);
+  auto out =
+      PodForwardFunction::apply(student, no_grad_input(teacher), no_grad_input(m), no_grad_input(k), scales, square);
   return {out[0], out[1]};
 }
 
@@ -158,8 +164,8 @@ at::Tensor pod_distill_autograd(const at::Tensor& student, const at::Tensor& tea
     at::AutoDispatchBelowADInplaceOrView guard;
     return pod_distill_op().call(student, teacher, m, k, scales, square, reduction);
   }
-  return PodDistillFunction::apply(student, no_grad_input(teacher), no_grad_input(m), no_grad_input(k), scales,
-                                   square, reduction);
+  return PodDistillFunction::apply(student, no_grad_input(teacher), no_grad_input(m), no_grad_input(k), scales, square,
+                                   reduction);
 }
 
 // Backend kernel of pod_distill (CPU and CUDA): the backend's pod_forward, then the reduction.
@@ -214,8 +220,14 @@ struct SopForwardFunction : public torch::autograd::Function<SopForwardFunction>
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     // grads[1] (pooled_grad) is ignored: it is an auxiliary output.
-    return {sop_grad(ctx, grads[0]), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(),            at::Tensor(), at::Tensor(), at::Tensor()};
+    return {sop_grad(ctx, grads[0]),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -229,8 +241,15 @@ struct SopDistillFunction : public torch::autograd::Function<SopDistillFunction>
     return reduce(dist, reduction);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {sop_grad(ctx, grads[0]), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(),            at::Tensor(), at::Tensor(), at::Tensor()};
+    return {sop_grad(ctx, grads[0]),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -255,8 +274,8 @@ at::Tensor sop_distill_autograd(const at::Tensor& student, const at::Tensor& tea
     at::AutoDispatchBelowADInplaceOrView guard;
     return sop_distill_op().call(student, teacher, m, k, groups, window, stride, padding, reduction);
   }
-  return SopDistillFunction::apply(student, no_grad_input(teacher), no_grad_input(m), no_grad_input(k), groups,
-                                   window, stride, padding, reduction);
+  return SopDistillFunction::apply(student, no_grad_input(teacher), no_grad_input(m), no_grad_input(k), groups, window,
+                                   stride, padding, reduction);
 }
 
 at::Tensor sop_distill_kernel(const at::Tensor& student, const at::Tensor& teacher, const OptTensor& m,
@@ -266,7 +285,6 @@ at::Tensor sop_distill_kernel(const at::Tensor& student, const at::Tensor& teach
   auto out = sop_forward_op().call(student, teacher, m, k, groups, window, stride, padding);
   return reduce(std::get<0>(out), reduction);
 }
-
 
 // ---------------------------------------------------------------- several terms, one node
 
@@ -284,8 +302,8 @@ std::vector<TermSpec> parse_terms(at::IntArrayRef params) {
   size_t i = 0;
   const size_t n = params.size();
   auto need = [&](size_t count, const char* what) {
-    TORCH_CHECK(i + count <= n, "lskd: distill_terms: params end inside the ", what, " of term ", specs.size(),
-                " (", n, " values)");
+    TORCH_CHECK(i + count <= n, "lskd: distill_terms: params end inside the ", what, " of term ", specs.size(), " (", n,
+                " values)");
   };
   while (i < n) {
     TermSpec t;
@@ -402,9 +420,8 @@ struct DistillTermsFunction : public torch::autograd::Function<DistillTermsFunct
   }
 };
 
-std::vector<at::Tensor> distill_terms_autograd(at::TensorList students, at::TensorList teachers,
-                                               const OptTensorList& m, const OptTensorList& k, at::IntArrayRef params,
-                                               int64_t reduction) {
+std::vector<at::Tensor> distill_terms_autograd(at::TensorList students, at::TensorList teachers, const OptTensorList& m,
+                                               const OptTensorList& k, at::IntArrayRef params, int64_t reduction) {
   check_terms(students, teachers, m, k, params, reduction);
   bool graph = false;
   for (const auto& s : students) graph = graph || needs_graph(s);

@@ -24,12 +24,11 @@
 namespace lskd {
 namespace {
 
-
 // lskd.ops.md_masks.batched_quantile: values [R, L], q [R] -> [R].
 at::Tensor batched_quantile(const at::Tensor& values, at::Tensor q, bool float64_ranks) {
   const at::Tensor ordered = std::get<0>(values.sort(1));
-  const auto rank_dtype = float64_ranks && values.device().type() != c10::DeviceType::MPS ? at::kDouble
-                                                                                            : values.scalar_type();
+  const auto rank_dtype =
+      float64_ranks && values.device().type() != c10::DeviceType::MPS ? at::kDouble : values.scalar_type();
   if (q.scalar_type() != values.scalar_type()) q = q.to(values.scalar_type());
   const at::Tensor ranks = q.to(rank_dtype) * (values.size(1) - 1);
   const at::Tensor below = ranks.floor();
@@ -60,12 +59,16 @@ std::tuple<at::Tensor, at::Tensor> md_masks_kernel(const at::Tensor& feat, const
   const at::Tensor gap = at::cat({gap_bg, gap_new});
   const at::Tensor q_cos = batched_quantile(cos, q, float64_ranks).unsqueeze(1);
   const at::Tensor q_gap = batched_quantile(gap, q, float64_ranks).unsqueeze(1);
-  const at::Tensor spatial = cos.slice(0, 0, n).ge(q_cos.slice(0, 0, n)).logical_or(cos.slice(0, n).le(q_cos.slice(0, n)));
-  const at::Tensor channel = gap.slice(0, 0, n).ge(q_gap.slice(0, 0, n)).logical_or(gap.slice(0, n).le(q_gap.slice(0, n)));
+  const at::Tensor spatial =
+      cos.slice(0, 0, n).ge(q_cos.slice(0, 0, n)).logical_or(cos.slice(0, n).le(q_cos.slice(0, n)));
+  const at::Tensor channel =
+      gap.slice(0, 0, n).ge(q_gap.slice(0, 0, n)).logical_or(gap.slice(0, n).le(q_gap.slice(0, n)));
   return {spatial.reshape({n, 1, h, w}), channel.reshape({n, c})};
 }
 
 }  // namespace
 }  // namespace lskd
 
-TORCH_LIBRARY_IMPL(lskd, CPU, m) { m.impl("md_masks", &lskd::md_masks_kernel); }
+TORCH_LIBRARY_IMPL(lskd, CPU, m) {
+  m.impl("md_masks", &lskd::md_masks_kernel);
+}

@@ -22,8 +22,8 @@ using PodBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const Op
 using PodDistillSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
                                  at::IntArrayRef, bool, int64_t);
 using SopForwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                                         const OptTensor&, int64_t, at::IntArrayRef,
-                                                         at::IntArrayRef, at::IntArrayRef);
+                                                         const OptTensor&, int64_t, at::IntArrayRef, at::IntArrayRef,
+                                                         at::IntArrayRef);
 using SopBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
                                   const at::Tensor&, const at::Tensor&, int64_t, at::IntArrayRef, at::IntArrayRef,
                                   at::IntArrayRef);

@@ -95,22 +95,31 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(lskd, m) {
-  m.def("pod_forward(Tensor student, Tensor teacher, Tensor? spatial_mask, Tensor? channel_mask, "
-        "int[] scales, bool square) -> (Tensor dist, Tensor emb)");
-  m.def("pod_backward(Tensor grad_dist, Tensor student, Tensor? spatial_mask, Tensor? channel_mask, "
-        "Tensor dist, Tensor emb, int[] scales, bool square) -> Tensor");
-  m.def("sop_forward(Tensor student, Tensor teacher, Tensor? spatial_mask, Tensor? channel_mask, "
-        "int groups, int[] window, int[] stride, int[] padding) -> (Tensor dist, Tensor pooled_grad)");
-  m.def("sop_backward(Tensor grad_dist, Tensor student, Tensor? spatial_mask, Tensor? channel_mask, "
-        "Tensor dist, Tensor pooled_grad, int groups, int[] window, int[] stride, int[] padding) -> Tensor");
-  m.def("pod_distill(Tensor student, Tensor teacher, Tensor? spatial_mask, Tensor? channel_mask, "
-        "int[] scales, bool square, int reduction) -> Tensor");
-  m.def("sop_distill(Tensor student, Tensor teacher, Tensor? spatial_mask, Tensor? channel_mask, "
-        "int groups, int[] window, int[] stride, int[] padding, int reduction) -> Tensor");
-  m.def("distill_terms(Tensor[] student, Tensor[] teacher, Tensor?[] spatial_mask, Tensor?[] channel_mask, "
-        "int[] params, int reduction) -> Tensor[]");
-  m.def("md_stats(Tensor feat, Tensor feat_bg_erased, Tensor feat_new_erased, float eps) "
-        "-> (Tensor cos_bg, Tensor cos_new, Tensor gap_bg, Tensor gap_new)");
-  m.def("md_masks(Tensor feat, Tensor feat_bg_erased, Tensor feat_new_erased, Tensor labels, int old_classes, "
-        "int ignore_index, float eps, bool float64_ranks) -> (Tensor spatial_mask, Tensor channel_mask)");
+  m.def(
+      "pod_forward(Tensor student, Tensor teacher, Tensor? spatial_mask, Tensor? channel_mask, "
+      "int[] scales, bool square) -> (Tensor dist, Tensor emb)");
+  m.def(
+      "pod_backward(Tensor grad_dist, Tensor student, Tensor? spatial_mask, Tensor? channel_mask, "
+      "Tensor dist, Tensor emb, int[] scales, bool square) -> Tensor");
+  m.def(
+      "sop_forward(Tensor student, Tensor teacher, Tensor? spatial_mask, Tensor? channel_mask, "
+      "int groups, int[] window, int[] stride, int[] padding) -> (Tensor dist, Tensor pooled_grad)");
+  m.def(
+      "sop_backward(Tensor grad_dist, Tensor student, Tensor? spatial_mask, Tensor? channel_mask, "
+      "Tensor dist, Tensor pooled_grad, int groups, int[] window, int[] stride, int[] padding) -> Tensor");
+  m.def(
+      "pod_distill(Tensor student, Tensor teacher, Tensor? spatial_mask, Tensor? channel_mask, "
+      "int[] scales, bool square, int reduction) -> Tensor");
+  m.def(
+      "sop_distill(Tensor student, Tensor teacher, Tensor? spatial_mask, Tensor? channel_mask, "
+      "int groups, int[] window, int[] stride, int[] padding, int reduction) -> Tensor");
+  m.def(
+      "distill_terms(Tensor[] student, Tensor[] teacher, Tensor?[] spatial_mask, Tensor?[] channel_mask, "
+      "int[] params, int reduction) -> Tensor[]");
+  m.def(
+      "md_stats(Tensor feat, Tensor feat_bg_erased, Tensor feat_new_erased, float eps) "
+      "-> (Tensor cos_bg, Tensor cos_new, Tensor gap_bg, Tensor gap_new)");
+  m.def(
+      "md_masks(Tensor feat, Tensor feat_bg_erased, Tensor feat_new_erased, Tensor labels, int old_classes, "
+      "int ignore_index, float eps, bool float64_ranks) -> (Tensor spatial_mask, Tensor channel_mask)");
 }

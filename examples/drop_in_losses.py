@@ -13,6 +13,7 @@ losses (forward + backward) with the fused backend against the reference.
 
     python examples/drop_in_losses.py [--iters 20] [--device cpu|cuda]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,10 +50,12 @@ def distillation(student_feats, teacher_feats, masks, backend: str) -> dict:
     spatial, channel = masks
     return {
         "pod": lskd.pod_distill(student_feats[0], teacher_feats[0], backend=backend),
-        "md": lskd.pod_distill(student_feats[1], teacher_feats[1], spatial_mask=spatial[1],
-                               channel_mask=channel[1], backend=backend),
-        "mcd": lskd.sop_distill(student_feats[2], teacher_feats[2], spatial_mask=spatial[2],
-                                channel_mask=channel[2], backend=backend),
+        "md": lskd.pod_distill(
+            student_feats[1], teacher_feats[1], spatial_mask=spatial[1], channel_mask=channel[1], backend=backend
+        ),
+        "mcd": lskd.sop_distill(
+            student_feats[2], teacher_feats[2], spatial_mask=spatial[2], channel_mask=channel[2], backend=backend
+        ),
     }
 
 

@@ -6,6 +6,7 @@ from per-term gradients on the layer each term acts on, and renormalises them ev
 
     python examples/rge_in_your_loop.py
 """
+
 import torch
 
 from lskd.methods import LSKD, StepContext

@@ -1,4 +1,5 @@
 """``python -m lskd ...`` (and ``torchrun -m lskd train ...``): the ``lskd`` command line."""
+
 import sys
 
 from .cli import main

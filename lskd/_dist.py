@@ -1,4 +1,5 @@
 """One collective shared by the learnable weightings (lskd.weighting, lskd.search)."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence

@@ -4,6 +4,7 @@ Importing lskd never fails because of the extension: when it is missing, was
 built against another torch, or fails to load, a single warning says why and
 the "auto" backend falls back to Triton (on CUDA) or the reference.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -12,7 +13,14 @@ from typing import Optional
 
 import torch
 
-__all__ = ["load_error", "has_cpu_kernels", "has_cuda_kernels", "has_cpp_autograd", "has_cpp_distill_terms", "has_cpp_md_masks"]
+__all__ = [
+    "load_error",
+    "has_cpu_kernels",
+    "has_cuda_kernels",
+    "has_cpp_autograd",
+    "has_cpp_distill_terms",
+    "has_cpp_md_masks",
+]
 
 _ERROR: Optional[str] = None
 _LOADED = False

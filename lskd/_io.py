@@ -9,6 +9,7 @@ leftovers; the owner of a folder calls it while no one else writes there (under 
 
 Files get the mode a plain ``open()`` would give a new file: ``0o666`` less the umask.
 """
+
 from __future__ import annotations
 
 import contextlib

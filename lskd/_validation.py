@@ -4,6 +4,7 @@ Bad input raises a ``TypeError`` (wrong kind or dtype) or ``ValueError``
 (shapes, devices, parameters) that names the argument and the shapes, before
 any kernel runs.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -50,9 +51,7 @@ def check_features(op: str, **tensors: torch.Tensor) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
-            raise TypeError(
-                f"{op}: {name} must be float32, float64, bfloat16 or float16, got {t.dtype}"
-            )
+            raise TypeError(f"{op}: {name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
         if t.dim() != 4:
             raise ValueError(f"{op}: {name} must have shape [N, C, H, W], got {_shape(t)}")
         if first is None:
@@ -61,9 +60,7 @@ def check_features(op: str, **tensors: torch.Tensor) -> torch.Tensor:
                 raise ValueError(f"{op}: {name} is empty (shape {_shape(t)}): N, C, H and W must be >= 1")
             continue
         if t.shape != first.shape:
-            raise ValueError(
-                f"{op}: {name} has shape {_shape(t)} but {first_name} has shape {_shape(first)}"
-            )
+            raise ValueError(f"{op}: {name} has shape {_shape(t)} but {first_name} has shape {_shape(first)}")
         if t.dtype != first.dtype:
             raise TypeError(f"{op}: {name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}")
         if t.device != first.device:
@@ -98,7 +95,9 @@ def check_pair(op: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.T
     return check_features(op, student=student, teacher=teacher)
 
 
-def check_triple(op: str, names: Tuple[str, str, str], a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def check_triple(
+    op: str, names: Tuple[str, str, str], a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
+) -> torch.Tensor:
     """``check_features(op, **dict(zip(names, (a, b, c))))`` with the fast path of :func:`check_pair`."""
     if _same_features(a, b) and _same_features(a, c):
         return a
@@ -112,9 +111,7 @@ def _check_mask(op: str, name: str, mask: torch.Tensor, ref: torch.Tensor, expec
         raise TypeError(f"{op}: {name} must be bool or floating point, got {mask.dtype}")
     if tuple(mask.shape) != expected:
         exp = "[" + ", ".join(str(s) for s in expected) + "]"
-        raise ValueError(
-            f"{op}: {name} must have shape {exp} for features of shape {_shape(ref)}, got {_shape(mask)}"
-        )
+        raise ValueError(f"{op}: {name} must have shape {exp} for features of shape {_shape(ref)}, got {_shape(mask)}")
     if mask.device != ref.device:
         raise ValueError(f"{op}: {name} is on {mask.device} but the features are on {ref.device}")
 
@@ -203,9 +200,7 @@ def sop_geometry(
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise TypeError(f"{op}: groups must be an int, got {groups!r}")
     if not 1 <= groups <= channels:
-        raise ValueError(
-            f"{op}: groups must be between 1 and the channel count C = {channels}, got {groups}"
-        )
+        raise ValueError(f"{op}: groups must be between 1 and the channel count C = {channels}, got {groups}")
     if window is None:
         return (height, width), (1, 1), (0, 0)
     for name, v in (("window", window), ("stride", stride)):

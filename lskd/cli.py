@@ -14,6 +14,7 @@ Errors in the input (missing data, bad task string, a checkpoint of another run,
 in use, a diverging run, a read-only or full disk, ...) print one ``lskd <command>: error: ...``
 line and exit with status 2, without writing a summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,13 +59,20 @@ def _add_train(sub) -> None:
             "30 epochs for VOC and folders, 60 for ADE20K). Under torchrun it trains with DDP."
         ),
     )
-    p.add_argument("--dataset", required=True, choices=["voc", "ade", "folder"], help="dataset layout (folder = VOC layout + classes.txt)")
+    p.add_argument(
+        "--dataset",
+        required=True,
+        choices=["voc", "ade", "folder"],
+        help="dataset layout (folder = VOC layout + classes.txt)",
+    )
     p.add_argument("--data-root", required=True, help="dataset folder")
     p.add_argument("--task", required=True, help="task string: 'B-I' (15-1, 100-10), 'B-Ns' (15-5s) or 'offline'")
     p.add_argument("--disjoint", action="store_true", help="disjoint protocol (default: overlapped)")
     p.add_argument("--method", required=True, choices=sorted(METHODS), help="CISS method")
     p.add_argument("--out", required=True, help="output folder of the run")
-    p.add_argument("--backbone", default="resnet101", choices=list(BACKBONES), help="ResNet backbone (default resnet101)")
+    p.add_argument(
+        "--backbone", default="resnet101", choices=list(BACKBONES), help="ResNet backbone (default resnet101)"
+    )
     p.add_argument("--pretrained", default=None, help="local torchvision-format ImageNet state dict of the backbone")
     p.add_argument("--output-stride", type=int, default=16, choices=[8, 16], help="output stride (default 16)")
     p.add_argument("--epochs", type=int, default=None, help="epochs of step 0 (default: 30 VOC/folder, 60 ADE)")
@@ -74,37 +82,100 @@ def _add_train(sub) -> None:
     p.add_argument("--lr-next", type=float, default=0.001, help="learning rate of the steps > 0 (default 0.001)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (default 1e-4)")
     p.add_argument("--crop", type=int, default=512, help="training crop side (default 512)")
-    p.add_argument("--eval-size", type=int, default=None, help="evaluate at this size (shorter side + centre crop; default: full size)")
-    p.add_argument("--eval-batch-size", type=int, default=None, help="evaluation batch per rank (default: the training batch per rank)")
-    p.add_argument("--amp", default="none", choices=["bf16", "fp16", "none"], help="mixed precision (default none; fp16 uses a GradScaler)")
+    p.add_argument(
+        "--eval-size",
+        type=int,
+        default=None,
+        help="evaluate at this size (shorter side + centre crop; default: full size)",
+    )
+    p.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=None,
+        help="evaluation batch per rank (default: the training batch per rank)",
+    )
+    p.add_argument(
+        "--amp",
+        default="none",
+        choices=["bf16", "fp16", "none"],
+        help="mixed precision (default none; fp16 uses a GradScaler)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: the GPU when present)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and augmentation")
-    p.add_argument("--step", type=int, default=None, help="train this step only (the previous step's checkpoint must exist)")
+    p.add_argument(
+        "--step", type=int, default=None, help="train this step only (the previous step's checkpoint must exist)"
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
-    p.add_argument("--init-from", default=None, metavar="CKPT", help="start from a step-k checkpoint (e.g. a shared step 0) and train k+1..")
-    p.add_argument("--bn", default="train", choices=["train", "frozen"],
-                   help="the student's BatchNorm in steps > 0: train (batch statistics; default) or frozen "
-                        "(running statistics, not updated, affine frozen: the release's --fix_bn)")
-    p.add_argument("--pseudo-threshold", default="median", choices=["median", "released"],
-                   help="PLOP/LSKD pseudo-label thresholds: the exact per-class median of the entropy (the "
-                        "papers; default) or the released code's histogram rule (far above the median)")
-    p.add_argument("--term-weights", default=None, metavar="NAME=W,...", help="fixed weights of loss terms (default 1), e.g. 'unkd=0.5'")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="CKPT",
+        help="start from a step-k checkpoint (e.g. a shared step 0) and train k+1..",
+    )
+    p.add_argument(
+        "--bn",
+        default="train",
+        choices=["train", "frozen"],
+        help="the student's BatchNorm in steps > 0: train (batch statistics; default) or frozen "
+        "(running statistics, not updated, affine frozen: the release's --fix_bn)",
+    )
+    p.add_argument(
+        "--pseudo-threshold",
+        default="median",
+        choices=["median", "released"],
+        help="PLOP/LSKD pseudo-label thresholds: the exact per-class median of the entropy (the "
+        "papers; default) or the released code's histogram rule (far above the median)",
+    )
+    p.add_argument(
+        "--term-weights",
+        default=None,
+        metavar="NAME=W,...",
+        help="fixed weights of loss terms (default 1), e.g. 'unkd=0.5'",
+    )
     g = p.add_argument_group("dynamic weights and scheme search (LSKD)")
-    g.add_argument("--weighting", default="fixed", choices=["fixed", "rge", "gradnorm"],
-                   help="trade-off weights of the loss terms: fixed (1, or --term-weights), rge (regularised "
-                        "gradient equilibrium, as released) or gradnorm (default fixed)")
-    g.add_argument("--weight-lr", type=float, default=None,
-                   help="learning rate of the rge/gradnorm weights (default: the network's, same poly schedule)")
-    g.add_argument("--search", default="none", choices=["none", "bilevel"],
-                   help="bilevel: learn each map's scheme {pod, md, md+mcd, none} and weight on held-out data "
-                        "during the first --search-epochs of every step > 0, then fix the argmax (needs --method lskd)")
-    g.add_argument("--search-epochs", type=int, default=1, help="search epochs at the start of each step > 0 (default 1)")
-    g.add_argument("--search-split", type=float, default=0.1,
-                   help="fraction of the step's training images held out for the upper level (default 0.1)")
-    g.add_argument("--search-order", type=int, default=1, choices=[1, 2],
-                   help="1: hypergradient first order in the step size (default); 2: DARTS unrolled step")
-    g.add_argument("--search-lr", type=float, default=3e-3, help="Adam learning rate of the scheme logits and weights (default 3e-3)")
+    g.add_argument(
+        "--weighting",
+        default="fixed",
+        choices=["fixed", "rge", "gradnorm"],
+        help="trade-off weights of the loss terms: fixed (1, or --term-weights), rge (regularised "
+        "gradient equilibrium, as released) or gradnorm (default fixed)",
+    )
+    g.add_argument(
+        "--weight-lr",
+        type=float,
+        default=None,
+        help="learning rate of the rge/gradnorm weights (default: the network's, same poly schedule)",
+    )
+    g.add_argument(
+        "--search",
+        default="none",
+        choices=["none", "bilevel"],
+        help="bilevel: learn each map's scheme {pod, md, md+mcd, none} and weight on held-out data "
+        "during the first --search-epochs of every step > 0, then fix the argmax (needs --method lskd)",
+    )
+    g.add_argument(
+        "--search-epochs", type=int, default=1, help="search epochs at the start of each step > 0 (default 1)"
+    )
+    g.add_argument(
+        "--search-split",
+        type=float,
+        default=0.1,
+        help="fraction of the step's training images held out for the upper level (default 0.1)",
+    )
+    g.add_argument(
+        "--search-order",
+        type=int,
+        default=1,
+        choices=[1, 2],
+        help="1: hypergradient first order in the step size (default); 2: DARTS unrolled step",
+    )
+    g.add_argument(
+        "--search-lr",
+        type=float,
+        default=3e-3,
+        help="Adam learning rate of the scheme logits and weights (default 3e-3)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines")
 
 
@@ -118,7 +189,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--out", required=True, help="the run's folder (the --out of lskd train)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the one of the run)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="evaluation batch per rank (default: the run's)")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=None, help="evaluation batch per rank (default: the run's)"
+    )
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the run's)")
     p.add_argument("--report-dir", default=None, help="where to write the reports (default OUT/eval)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -127,7 +200,8 @@ def _add_eval(sub) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="the synthetic benchmark: joint, finetune, MiB, PLOP, LSKD (fixed-weight ablation, +search) on a multi-step task",
+        help="the synthetic benchmark: joint, finetune, MiB, PLOP, LSKD (fixed-weight ablation, +search) "
+        "on a multi-step task",
         description="Build a synthetic dataset (once), train joint, finetune, mib, plop, lskd (as released, with its "
         "RGE weights), lskd-fixed (the fixed-weight ablation) and lskd+search (bi-level scheme search) on a "
         "multi-step protocol of it with the tiny backbone "
@@ -139,10 +213,16 @@ def _add_demo(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 0 on the CPU, 2 on a GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of the first training seed")
-    p.add_argument("--seeds", type=_positive_int, default=1,
-                   help="train every method with this many seeds (seed, seed+1, ...; step 0 shared per seed) and "
-                        "report mean and std (default 1)")
-    p.add_argument("--methods", default=None, help="comma-separated subset of joint,finetune,mib,plop,lskd,lskd-fixed,lskd+search")
+    p.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=1,
+        help="train every method with this many seeds (seed, seed+1, ...; step 0 shared per seed) and "
+        "report mean and std (default 1)",
+    )
+    p.add_argument(
+        "--methods", default=None, help="comma-separated subset of joint,finetune,mib,plop,lskd,lskd-fixed,lskd+search"
+    )
     p.add_argument("--quiet", action="store_true", help="only the final table")
 
 
@@ -275,8 +355,10 @@ def _cmd_make_synthetic(args: argparse.Namespace) -> int:
         val_images=args.val_images,
         image_format=args.format,
     )
-    print(f"wrote the synthetic dataset ({args.classes} classes, {args.images} train + {args.val_images} val images of "
-          f"{args.size}x{args.size}) to {root}; train on it with --dataset folder --data-root {root}")
+    print(
+        f"wrote the synthetic dataset ({args.classes} classes, {args.images} train + {args.val_images} val images of "
+        f"{args.size}x{args.size}) to {root}; train on it with --dataset folder --data-root {root}"
+    )
     return 0
 
 

@@ -25,10 +25,10 @@ Settings (``PRESETS``; tiny DeepLabV3 at output stride 8 -- 8x8 logits on 64x64 
 
 The runs of a previous demo in ``OUT`` are replaced (the dataset is kept).
 """
+
 from __future__ import annotations
 
 import json
-
 import shutil
 import time
 from pathlib import Path
@@ -39,7 +39,15 @@ import torch
 from .train import report
 from .train.trainer import TrainConfig, train
 
-__all__ = ["PRESETS", "DEMO_METHODS", "run_demo", "aggregate_seeds", "format_comparison", "format_aggregate", "plot_comparison"]
+__all__ = [
+    "PRESETS",
+    "DEMO_METHODS",
+    "run_demo",
+    "aggregate_seeds",
+    "format_comparison",
+    "format_aggregate",
+    "plot_comparison",
+]
 
 DEMO_METHODS: List[str] = ["joint", "finetune", "mib", "plop", "lskd", "lskd-fixed", "lskd+search"]
 INCREMENTAL = ["finetune", "mib", "plop", "lskd", "lskd-fixed", "lskd+search"]
@@ -56,13 +64,17 @@ PRESETS: Dict[str, dict] = {
     "full": dict(
         data=dict(classes=6, images=600, val_images=200, size=64, max_objects=3),
         task="3-1",
-        train=dict(backbone="tiny", output_stride=8, epochs=40, epochs_next=25, batch_size=32, crop=64, lr=0.1, lr_next=0.03),
+        train=dict(
+            backbone="tiny", output_stride=8, epochs=40, epochs_next=25, batch_size=32, crop=64, lr=0.1, lr_next=0.03
+        ),
         variants={"lskd+search": dict(search_epochs=4, search_lr=0.02)},
     ),
     "quick": dict(
         data=dict(classes=6, images=240, val_images=96, size=64, max_objects=3),
         task="3-1",
-        train=dict(backbone="tiny", output_stride=8, epochs=20, epochs_next=10, batch_size=32, crop=64, lr=0.1, lr_next=0.03),
+        train=dict(
+            backbone="tiny", output_stride=8, epochs=20, epochs_next=10, batch_size=32, crop=64, lr=0.1, lr_next=0.03
+        ),
         variants={"lskd+search": dict(search_epochs=2, search_lr=0.02)},
     ),
 }
@@ -144,7 +156,9 @@ def plot_comparison(
         return None
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), dpi=100, sharey=True)
     steps = sorted({e["step"] for s in summaries.values() for e in s["steps"] if not s.get("offline")})
-    for ax, (key, label) in zip(axes, [("miou_old", "old classes"), ("miou_new", "new classes"), ("miou_all", "all classes")]):
+    for ax, (key, label) in zip(
+        axes, [("miou_old", "old classes"), ("miou_new", "new classes"), ("miou_all", "all classes")]
+    ):
         for name, s in summaries.items():
             pts = _points(s, aggregate.get(name) if aggregate else None, key)
             if not pts:
@@ -152,8 +166,9 @@ def plot_comparison(
             if s.get("offline"):
                 ax.axhline(pts[-1][1], linestyle="--", color="black", alpha=0.6, label=f"{name} (upper bound)")
             else:
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-",
-                            capsize=3, label=name)
+                ax.errorbar(
+                    [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-", capsize=3, label=name
+                )
         ax.set_title(f"mIoU, {label}")
         ax.set_xlabel("step")
         if steps:
@@ -171,7 +186,9 @@ def _say(quiet: bool):
     return (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
 
 
-def _run_methods(root: Path, seed: int, methods: Sequence[str], common: dict, preset: dict, say, timings: Dict[str, float]) -> Dict[str, dict]:
+def _run_methods(
+    root: Path, seed: int, methods: Sequence[str], common: dict, preset: dict, say, timings: Dict[str, float]
+) -> Dict[str, dict]:
     """Every method of one seed in ``root``: step 0 once (``root/base``), then each method from it."""
     common = dict(common, seed=seed)
     incremental = [m for m in methods if m in INCREMENTAL]
@@ -227,7 +244,7 @@ def _mean_std(vals: List[float]) -> Optional[dict]:
         return None
     mean = sum(vals) / len(vals)
     var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
-    return {"mean": mean, "std": var ** 0.5, "n": len(vals)}
+    return {"mean": mean, "std": var**0.5, "n": len(vals)}
 
 
 def _fmt(stat: Optional[dict]) -> str:
@@ -241,17 +258,23 @@ def format_aggregate(aggregate: Dict[str, List[dict]]) -> str:
     lines = [f"{'method':<12} {'step':>4} {'old':>12} {'new':>12} {'all':>12}"]
     for name, rows in aggregate.items():
         e = rows[-1]
-        lines.append(f"{name:<12} {e['step']:>4} {_fmt(e['miou_old']):>12} {_fmt(e['miou_new']):>12} {_fmt(e['miou_all']):>12}")
+        lines.append(
+            f"{name:<12} {e['step']:>4} {_fmt(e['miou_old']):>12} {_fmt(e['miou_new']):>12} {_fmt(e['miou_all']):>12}"
+        )
     return "\n".join(lines)
 
 
 def _aggregate_md(aggregate: Dict[str, List[dict]]) -> List[str]:
     steps = sorted({r["step"] for rows in aggregate.values() for r in rows})
-    md = ["| method | " + " | ".join(f"step {t} (old / new / all)" for t in steps) + " |", "|---|" + "---|" * len(steps)]
+    md = [
+        "| method | " + " | ".join(f"step {t} (old / new / all)" for t in steps) + " |",
+        "|---|" + "---|" * len(steps),
+    ]
     for name, rows in aggregate.items():
         by = {r["step"]: r for r in rows}
         cells = [
-            "" if t not in by else " / ".join(_fmt(by[t][k]) for k in ("miou_old", "miou_new", "miou_all")) for t in steps
+            "" if t not in by else " / ".join(_fmt(by[t][k]) for k in ("miou_old", "miou_new", "miou_all"))
+            for t in steps
         ]
         md.append(f"| {name} | " + " | ".join(cells) + " |")
     return md
@@ -286,19 +309,39 @@ def run_demo(
     for old in [*(out_p / n for n in ["base", *DEMO_METHODS]), *out_p.glob("seed*")]:  # a previous demo's runs
         if old.is_dir():
             shutil.rmtree(old)
-    common = dict(dataset="folder", data_root=str(data_root), task=preset["task"], device=device, workers=workers,
-                  quiet=True, **preset["train"])
+    common = dict(
+        dataset="folder",
+        data_root=str(data_root),
+        task=preset["task"],
+        device=device,
+        workers=workers,
+        quiet=True,
+        **preset["train"],
+    )
     say = _say(quiet)
-    say(f"demo ({preset_name}): task {preset['task']} on {data_root}, methods {methods}, {seeds} seed(s), output {out_p}")
+    say(
+        f"demo ({preset_name}): task {preset['task']} on {data_root}, methods {methods}, {seeds} seed(s), "
+        f"output {out_p}"
+    )
     timings: Dict[str, float] = {}
     seed_list = [seed + k for k in range(int(seeds))]
-    runs = {s: _run_methods(out_p if seeds == 1 else out_p / f"seed{s}", s, methods, common, preset, say, timings)
-            for s in seed_list}
+    runs = {
+        s: _run_methods(out_p if seeds == 1 else out_p / f"seed{s}", s, methods, common, preset, say, timings)
+        for s in seed_list
+    }
     return _write_demo(out_p, preset_name, preset, data_root, device, runs, timings, time.time() - t_start)
 
 
-def _write_demo(out_p: Path, preset_name: str, preset: dict, data_root: Path, device: str,
-                runs: Dict[int, Dict[str, dict]], timings: Dict[str, float], total: float) -> dict:
+def _write_demo(
+    out_p: Path,
+    preset_name: str,
+    preset: dict,
+    data_root: Path,
+    device: str,
+    runs: Dict[int, Dict[str, dict]],
+    timings: Dict[str, float],
+    total: float,
+) -> dict:
     """summary.json, summary.md and comparison.png of a demo; prints the table."""
     seed_list = list(runs)
     summaries = runs[seed_list[0]]
@@ -324,19 +367,31 @@ def _write_demo(out_p: Path, preset_name: str, preset: dict, data_root: Path, de
     report.write_json(out_p / "summary.json", result)
     title = f"lskd demo: synthetic {preset['data']['classes']} classes, task {preset['task']}, tiny DeepLabV3"
     plot_comparison(out_p / "comparison.png", summaries, title, aggregate if len(runs) > 1 else None)
-    report.write_text_atomic(out_p / "summary.md", "\n".join(_demo_md(preset_name, preset, runs, aggregate, timings, total)))
-    print(f"\nmIoU (%) after the last step of task {preset['task']} ({total:.0f}s in all"
-          f"{', mean ± std over ' + str(len(runs)) + ' seeds' if len(runs) > 1 else ''}):")
+    report.write_text_atomic(
+        out_p / "summary.md", "\n".join(_demo_md(preset_name, preset, runs, aggregate, timings, total))
+    )
+    print(
+        f"\nmIoU (%) after the last step of task {preset['task']} ({total:.0f}s in all"
+        f"{', mean ± std over ' + str(len(runs)) + ' seeds' if len(runs) > 1 else ''}):"
+    )
     print(format_aggregate(aggregate) if len(runs) > 1 else format_comparison(summaries))
     print(f"\nwrote {out_p / 'summary.md'}, {out_p / 'summary.json'} and {out_p / 'comparison.png'}", flush=True)
     return result
 
 
-def _demo_md(preset_name: str, preset: dict, runs: Dict[int, Dict[str, dict]], aggregate: Dict[str, List[dict]],
-             timings: Dict[str, float], total: float) -> List[str]:
+def _demo_md(
+    preset_name: str,
+    preset: dict,
+    runs: Dict[int, Dict[str, dict]],
+    aggregate: Dict[str, List[dict]],
+    timings: Dict[str, float],
+    total: float,
+) -> List[str]:
     tr, data = preset["train"], preset["data"]
     summaries = runs[next(iter(runs))]
-    seeds_txt = f"{len(runs)} training seeds ({', '.join(map(str, runs))}; mean ± sample std)" if len(runs) > 1 else "one seed"
+    seeds_txt = (
+        f"{len(runs)} training seeds ({', '.join(map(str, runs))}; mean ± sample std)" if len(runs) > 1 else "one seed"
+    )
     md = [
         f"# lskd demo ({preset_name})",
         "",
@@ -356,6 +411,14 @@ def _demo_md(preset_name: str, preset: dict, runs: Dict[int, Dict[str, dict]], a
     for name, rows in aggregate.items():
         e = rows[-1]
         md.append(f"| {name} | {_fmt(e['miou_old'])} | {_fmt(e['miou_new'])} | {_fmt(e['miou_all'])} |")
-    md += ["", "## mIoU (%) per step (old / new / all)", "", *_aggregate_md(aggregate), "", "![comparison](comparison.png)", ""]
+    md += [
+        "",
+        "## mIoU (%) per step (old / new / all)",
+        "",
+        *_aggregate_md(aggregate),
+        "",
+        "![comparison](comparison.png)",
+        "",
+    ]
     md += _schemes_and_weights_md(summaries)
     return md

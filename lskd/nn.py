@@ -1,4 +1,5 @@
 """Module versions of the distillation operators, for use in training code."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple

@@ -10,6 +10,7 @@ Autograd flows through them like through any PyTorch code.
 All functions return per-image distances ``d`` of shape ``[N]`` (no
 reduction); ``lskd.ops`` applies the reduction.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -53,7 +54,7 @@ def pod_embedding(x: torch.Tensor, scales: Sequence[int]) -> torch.Tensor:
         kh, kw = h // s, w // s
         for i in range(s):
             for j in range(s):
-                region = x[:, :, i * kh:(i + 1) * kh, j * kw:(j + 1) * kw]
+                region = x[:, :, i * kh : (i + 1) * kh, j * kw : (j + 1) * kw]
                 parts.append(region.mean(dim=3).reshape(n, -1))  # width pool
                 parts.append(region.mean(dim=2).reshape(n, -1))  # height pool
     return torch.cat(parts, dim=1)
@@ -80,9 +81,7 @@ def pod_distances(
     return torch.linalg.vector_norm(diff, dim=1)
 
 
-def sop_embedding(
-    x: torch.Tensor, groups: int, window: Optional[int], stride: int
-) -> torch.Tensor:
+def sop_embedding(x: torch.Tensor, groups: int, window: Optional[int], stride: int) -> torch.Tensor:
     """Second-order pooling: ``[N, C, H, W]`` -> ``[N, groups * P * k * k]``.
 
     Channels are split into ``groups`` groups of ``k = C // groups`` (the
@@ -100,9 +99,7 @@ def sop_embedding(
         # contiguous(): avg_pool2d's CUDA backward is wrong for channels-last
         # inputs with padding in some torch releases (pytorch/pytorch#188344,
         # seen with torch 2.11 on an H100); the oracle must not depend on it.
-        pooled = F.avg_pool2d(
-            x.contiguous(), window, stride=stride, padding=window // 2, count_include_pad=True
-        )
+        pooled = F.avg_pool2d(x.contiguous(), window, stride=stride, padding=window // 2, count_include_pad=True)
     p = pooled.reshape(n, groups, k, -1).transpose(2, 3)  # [N, G, P, k]
     outer = p.unsqueeze(-1) * p.unsqueeze(-2)  # [N, G, P, k, k]
     return outer.reshape(n, -1)
@@ -177,9 +174,7 @@ def md_masks(
         m = (cos_bg[i] >= torch.quantile(cos_bg[i].flatten(), q_old)) | (
             cos_new[i] <= torch.quantile(cos_new[i].flatten(), q_new)
         )
-        nc = (gap_bg[i] >= torch.quantile(gap_bg[i], q_old)) | (
-            gap_new[i] <= torch.quantile(gap_new[i], q_new)
-        )
+        nc = (gap_bg[i] >= torch.quantile(gap_bg[i], q_old)) | (gap_new[i] <= torch.quantile(gap_new[i], q_new))
         spatial.append(m)
         channel.append(nc)
     return torch.stack(spatial)[:, None], torch.stack(channel)

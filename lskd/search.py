@@ -88,6 +88,7 @@ Use in a trainer (one iteration; ``net`` the plain student, not its DDP wrapper)
     search.step()                                  # all-reduce (DDP), Adam, clamp + rescale w
     net_optimizer.step()
 """
+
 from __future__ import annotations
 
 import copy
@@ -99,8 +100,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .methods.lskd import SCHEMES
 from ._dist import average_over_ranks_
+from .methods.lskd import SCHEMES
 from .weighting import Weighting
 
 __all__ = [
@@ -237,9 +238,7 @@ class SchemeSearch(nn.Module):
         L, S = len(self.maps), len(self.schemes)
         self.beta = nn.Parameter(torch.zeros(L, S, dtype=dtype, device=device))
         self.w = nn.Parameter(torch.ones(L, dtype=dtype, device=device))
-        self.optimizer = torch.optim.Adam(
-            [self.beta, self.w], lr=lr, betas=tuple(betas), weight_decay=weight_decay
-        )
+        self.optimizer = torch.optim.Adam([self.beta, self.w], lr=lr, betas=tuple(betas), weight_decay=weight_decay)
         # basic term name -> [(row, column)] of the candidates whose loss contains it
         self._term_slots: Dict[str, List[Tuple[int, int]]] = {}
         for i, l in enumerate(self.maps):
@@ -382,10 +381,13 @@ class SchemeSearch(nn.Module):
         if v_norm == 0.0:
             return D, 0.0, 0.0
         eps = self.eps_scale / v_norm
-        cuda = sorted({
-            torch.cuda.current_device() if p.device.index is None else p.device.index
-            for p in params if p.device.type == "cuda"
-        })
+        cuda = sorted(
+            {
+                torch.cuda.current_device() if p.device.index is None else p.device.index
+                for p in params
+                if p.device.type == "cuda"
+            }
+        )
 
         def losses_at(step: float) -> Tensor:
             with torch.no_grad():
@@ -480,7 +482,9 @@ class SchemeSearch(nn.Module):
             if train_grads is not None:
                 g = train_grads[k]
                 if g is not None and g.shape != p.shape:
-                    raise ValueError(f"SchemeSearch: train_grads[{k}] has shape {tuple(g.shape)}, parameter {tuple(p.shape)}")
+                    raise ValueError(
+                        f"SchemeSearch: train_grads[{k}] has shape {tuple(g.shape)}, parameter {tuple(p.shape)}"
+                    )
                 glist.append(g)
 
         restore = _Snapshot(plist, buffers_of)
@@ -644,8 +648,13 @@ class SearchWeighting(Weighting):
         self.updates = 0
         self.trace: List[dict] = []
 
-    def begin_step(self, names: Iterable[str], ctx: object = None, new_classes: Optional[int] = None,
-                   old_classes: Optional[int] = None) -> None:
+    def begin_step(
+        self,
+        names: Iterable[str],
+        ctx: object = None,
+        new_classes: Optional[int] = None,
+        old_classes: Optional[int] = None,
+    ) -> None:
         self._names = list(names)
 
     def term_factors(self, terms: Mapping[str, Tensor]) -> Mapping[str, object]:

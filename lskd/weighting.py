@@ -32,6 +32,7 @@ ASPP terms, one backbone stage for the others), never the whole network, and not
 accumulated into ``.grad``. The overhead (about +10 % per iteration on the CPU) is measured by
 benches/test_bench_training.py; results in benches/results/cpu-2026-11-26.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,8 +62,13 @@ class Weighting:
 
     name = "weighting"
 
-    def begin_step(self, names: Iterable[str], ctx: object = None, new_classes: Optional[int] = None,
-                   old_classes: Optional[int] = None) -> None:
+    def begin_step(
+        self,
+        names: Iterable[str],
+        ctx: object = None,
+        new_classes: Optional[int] = None,
+        old_classes: Optional[int] = None,
+    ) -> None:
         """Called once at the start of every step with the term names the method returns.
 
         ``ctx`` may be a :class:`lskd.methods.StepContext` (its ``new_classes`` / ``old_classes``
@@ -139,8 +145,13 @@ class FixedWeights(Weighting):
         self.default = float(default)
         self._names: List[str] = []
 
-    def begin_step(self, names: Iterable[str], ctx: object = None, new_classes: Optional[int] = None,
-                   old_classes: Optional[int] = None) -> None:
+    def begin_step(
+        self,
+        names: Iterable[str],
+        ctx: object = None,
+        new_classes: Optional[int] = None,
+        old_classes: Optional[int] = None,
+    ) -> None:
         self._names = list(names)
 
     def weight(self, name: str) -> float:
@@ -261,8 +272,13 @@ class _GradientBalance(Weighting):
         self.last: Dict[str, float] = {}
 
     # -- bookkeeping ---------------------------------------------------------------------
-    def begin_step(self, names: Iterable[str], ctx: object = None, new_classes: Optional[int] = None,
-                   old_classes: Optional[int] = None) -> None:
+    def begin_step(
+        self,
+        names: Iterable[str],
+        ctx: object = None,
+        new_classes: Optional[int] = None,
+        old_classes: Optional[int] = None,
+    ) -> None:
         self._names = list(names)
         for n in self._names:
             self.layer_of(n)  # unknown names fail here, with the name
@@ -360,7 +376,9 @@ class _GradientBalance(Weighting):
     def _ratios(self, losses: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
         """r_i = (L_i / L_i(0)) / mean over i's group of L_j / L_j(0) (0/0 -> 1)."""
         assert self.loss0 is not None
-        rel = torch.where(self.loss0 != 0, losses / torch.where(self.loss0 != 0, self.loss0, 1.0), torch.ones_like(losses))
+        rel = torch.where(
+            self.loss0 != 0, losses / torch.where(self.loss0 != 0, self.loss0, 1.0), torch.ones_like(losses)
+        )
         r = torch.ones_like(rel)
         for idx in groups:
             if not idx:
@@ -465,7 +483,9 @@ class RGE(_GradientBalance):
 
     name = "rge"
 
-    def __init__(self, alpha: float = 10.0, beta: float = 1e-4, gamma: float = 5e-4, gain: float = 10.0, **kwargs) -> None:
+    def __init__(
+        self, alpha: float = 10.0, beta: float = 1e-4, gamma: float = 5e-4, gain: float = 10.0, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         self.alpha, self.beta, self.gamma, self.gain = float(alpha), float(beta), float(gamma), float(gain)
 
@@ -536,7 +556,7 @@ class GradNorm(_GradientBalance):
         """L_grad as a function of w ``[T]`` for the per-term gradient norms ``||dL_i/dW_i||`` ``[T]``."""
         G = w * norms
         r = self._ratios(losses, self.groups())
-        target = G.detach().mean() * r ** self.alpha
+        target = G.detach().mean() * r**self.alpha
         return (G - target).abs().sum()
 
     statistic_name = "norms"

@@ -19,6 +19,7 @@
   marks the (slow) torch.compile tests, which run by default
   (deselect with ``-m "not compile"``).
 """
+
 from __future__ import annotations
 
 import os

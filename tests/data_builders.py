@@ -1,4 +1,5 @@
 """Builders of tiny on-disk datasets in the real VOC and ADE20K layouts (for the data tests)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -5,6 +5,7 @@ The oracle is ``lskd.reference`` evaluated in float64 on the *rounded* inputs
 have to absorb the kernels' accumulation (float32 for every non-float64
 dtype) and, for gradients, the rounding of the result to the input dtype.
 """
+
 from __future__ import annotations
 
 import math
@@ -347,8 +348,15 @@ def small_shape(backend: str) -> Tuple[int, int, int, int]:
 
 # Subsets for Triton under the interpreter (one program per plane: cost grows with N * C).
 MASK_COMBOS = [(a, b) for a in MASK_KINDS for b in MASK_KINDS]
-MASK_COMBOS_TRITON = [("none", "none"), ("zeros", "ones"), ("ones", "zeros"), ("bool", "float"), ("float", "bool"),
-                      ("float", "none"), ("none", "bool")]
+MASK_COMBOS_TRITON = [
+    ("none", "none"),
+    ("zeros", "ones"),
+    ("ones", "zeros"),
+    ("bool", "float"),
+    ("float", "bool"),
+    ("float", "none"),
+    ("none", "bool"),
+]
 DTYPES_TRITON = (torch.float32, torch.float16)
 
 
@@ -397,8 +405,9 @@ def check_nan_propagates(op: OpSpec, backend: str, dtype: torch.dtype, shape, de
     assert op.call(backend, s, t, None, None, "mean", **params).isnan()
 
 
-def check_deterministic(op: OpSpec, backend: str, dtype: torch.dtype, shape, device="cpu", layout="channels_last",
-                        **params) -> None:
+def check_deterministic(
+    op: OpSpec, backend: str, dtype: torch.dtype, shape, device="cpu", layout="channels_last", **params
+) -> None:
     """Two runs on the same input give bitwise the same distances and gradients."""
     n, c, h, w = shape
     s, t = features(shape, dtype, device, layout), features(shape, dtype, device)
@@ -570,8 +579,12 @@ def check_md_masks_parity(backend, rng, scenario, kind, dtype, n=3, device="cpu"
 
 def md_labels(n, hl, wl, dtype, scenario, g):
     """Labels [n, hl, wl] in dtype; old classes O = 4; per-image kinds include no old / no new pixels."""
-    kinds = {"mixed": ["mixed"], "ignore": ["ignore"], "per_image": ["no_old", "no_new", "ignore", "all_ignore"],
-             "extremes": ["all_old", "all_new"]}[scenario]
+    kinds = {
+        "mixed": ["mixed"],
+        "ignore": ["ignore"],
+        "per_image": ["no_old", "no_new", "ignore", "all_ignore"],
+        "extremes": ["all_old", "all_new"],
+    }[scenario]
     out = []
     for i in range(n):
         kind = kinds[i % len(kinds)]
@@ -600,8 +613,9 @@ def composite_quantile(values, q, float64_ranks):
     ranks = q.to(rank_dtype) * (values.shape[1] - 1)
     below = ranks.floor()
     weight = (ranks - below).to(values.dtype).unsqueeze(1)
-    out = torch.lerp(ordered.gather(1, below.long().unsqueeze(1)), ordered.gather(1, ranks.ceil().long().unsqueeze(1)),
-                     weight).squeeze(1)
+    out = torch.lerp(
+        ordered.gather(1, below.long().unsqueeze(1)), ordered.gather(1, ranks.ceil().long().unsqueeze(1)), weight
+    ).squeeze(1)
     return out.masked_fill(ordered[:, -1].isnan(), float("nan"))
 
 

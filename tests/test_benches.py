@@ -2,6 +2,7 @@
 warm_compile.py and CPU dry runs of gpu_check.sh (its profile stage, its time budget, the
 background compile warm-up that it must kill), as the GPU machine is lent rarely: a script that
 rots between two loans costs a whole device session."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,17 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "LSKD_BENCH_DEVICE": "cpu", "OMP_N
 def test_summarize_committed_gpu_results(tmp_path):
     out = tmp_path / "table.md"
     r = subprocess.run(
-        [sys.executable, str(ROOT / "benches" / "summarize.py"), str(ROOT / "benches/results/h200-2026-11-26-loss.json"),
-         "--markdown", str(out)],
-        capture_output=True, text=True, timeout=120, env=ENV,
+        [
+            sys.executable,
+            str(ROOT / "benches" / "summarize.py"),
+            str(ROOT / "benches/results/h200-2026-11-26-loss.json"),
+            "--markdown",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     text = out.read_text()
@@ -34,7 +43,10 @@ def test_profile_loss_runs(tmp_path):
     out = tmp_path / "profile.json"
     r = subprocess.run(
         [sys.executable, str(ROOT / "benches" / "profile_loss.py"), "--iters", "2", "--json", str(out)],
-        capture_output=True, text=True, timeout=300, env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads(out.read_text())["results"]
@@ -45,8 +57,9 @@ def test_profile_loss_runs(tmp_path):
 def _gpu_check(tmp_path, **env):
     """Run benches/gpu_check.sh on the CPU with OUT = tmp_path/out; (result, stdout lines, log)."""
     env = {**ENV, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, **env}
-    r = subprocess.run(["bash", str(ROOT / "benches" / "gpu_check.sh")], capture_output=True, text=True, timeout=300,
-                       env=env, cwd=ROOT)
+    r = subprocess.run(
+        ["bash", str(ROOT / "benches" / "gpu_check.sh")], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
+    )
     lines = r.stdout.strip().splitlines()
     return r, lines, r.stdout + r.stderr[-3000:]
 
@@ -73,7 +86,7 @@ def test_gpu_check_skips_stages_past_the_budget(tmp_path):
 def _hanging_python(tmp_path, *scripts):
     """A python that hangs (sleep 300, its pid in <script>.pid) when running one of `scripts`."""
     fake = tmp_path / "python"
-    cases = "".join(f'  *{name}) echo $$ > {tmp_path / name}.pid; exec sleep 300;;\n' for name in scripts)
+    cases = "".join(f"  *{name}) echo $$ > {tmp_path / name}.pid; exec sleep 300;;\n" for name in scripts)
     fake.write_text(f'#!/bin/bash\ncase "$1" in\n{cases}esac\nexec {sys.executable} "$@"\n')
     fake.chmod(0o755)
     return str(fake)
@@ -92,11 +105,19 @@ def test_gpu_check_cuts_a_stage_at_the_budget(tmp_path):
     the background warm-up ends with the budget, and the summary still comes last."""
     fake = _hanging_python(tmp_path, "profile_loss.py", "warm_compile.py")
     t0 = time.monotonic()
-    r, lines, log = _gpu_check(tmp_path, STAGES="profile bench", PYTHON=fake, GPU_CHECK_BUDGET_S="30",
-                               GPU_CHECK_RESERVE_S="5", GPU_CHECK_MIN_STAGE_S="5")
+    r, lines, log = _gpu_check(
+        tmp_path,
+        STAGES="profile bench",
+        PYTHON=fake,
+        GPU_CHECK_BUDGET_S="30",
+        GPU_CHECK_RESERVE_S="5",
+        GPU_CHECK_MIN_STAGE_S="5",
+    )
     assert time.monotonic() - t0 < 60, log
     assert r.returncode == 1, log
-    assert any(re.match(r"profile +\d+ s  TIMED OUT after \d+ s \(cut by the budget\)", line.strip()) for line in lines), log
+    assert any(
+        re.match(r"profile +\d+ s  TIMED OUT after \d+ s \(cut by the budget\)", line.strip()) for line in lines
+    ), log
     assert any("SKIP bench1: time budget spent" in line for line in lines), log
     # Its own time-out is the budget's end too: killed by the script or timed out, whichever comes first.
     assert any(re.search(r"warm-up: (killed|timed out) after", line) for line in lines), log
@@ -110,9 +131,17 @@ def test_gpu_check_kills_an_unfinished_warmup(tmp_path):
     # A python that hangs on warm_compile.py (a compilation that would not end in time) and runs the rest.
     fake = _hanging_python(tmp_path, "warm_compile.py")
     r, lines, log = _gpu_check(
-        tmp_path, STAGES="bench", PYTHON=fake, GPU_CHECK_BUDGET_S="200", GPU_CHECK_RESERVE_S="5",
-        BENCH_RESERVE_S="180", BENCH_TIMEOUT="170", BENCH_K1="test_lskd_loss and eager", BENCH_K2="test_md_masks and eager",
-        LSKD_BENCH_EXPECT="", LSKD_BENCH_ROUNDS="1",
+        tmp_path,
+        STAGES="bench",
+        PYTHON=fake,
+        GPU_CHECK_BUDGET_S="200",
+        GPU_CHECK_RESERVE_S="5",
+        BENCH_RESERVE_S="180",
+        BENCH_TIMEOUT="170",
+        BENCH_K1="test_lskd_loss and eager",
+        BENCH_K2="test_md_masks and eager",
+        LSKD_BENCH_EXPECT="",
+        LSKD_BENCH_ROUNDS="1",
     )
     assert r.returncode == 0, log
     assert any("benchmark part 2 (no torch.compile) first, beside it" in line for line in lines), log
@@ -126,7 +155,7 @@ def test_gpu_check_kills_an_unfinished_warmup(tmp_path):
     assert (out / "bench2.json").is_file()
     assert (out / "warm_compile.status").read_text().startswith("killed after")
     i = lines.index(next(line for line in lines if line.startswith("stages (GPU_CHECK_BUDGET_S=200 s")))
-    assert [line.split()[0] for line in lines[i + 1:i + 4]] == ["bench2", "warm-up", "bench1"], log
+    assert [line.split()[0] for line in lines[i + 1 : i + 4]] == ["bench2", "warm-up", "bench1"], log
     assert lines[-1].endswith("done, status 0"), log
     assert _gone(tmp_path / "warm_compile.py.pid")
 
@@ -136,9 +165,24 @@ def test_warm_compile_runs_at_a_tiny_size(tmp_path):
     (backend "eager": dynamo only, without inductor's minute of code generation at any size.)"""
     out = tmp_path / "warm.json"
     r = subprocess.run(
-        [sys.executable, str(ROOT / "benches" / "warm_compile.py"), "--maps", "tiny", "--backend", "eager",
-         "--dtypes", "float32,bfloat16", "--jobs", "2", "--json", str(out)],
-        capture_output=True, text=True, timeout=300, env={**ENV, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")},
+        [
+            sys.executable,
+            str(ROOT / "benches" / "warm_compile.py"),
+            "--maps",
+            "tiny",
+            "--backend",
+            "eager",
+            "--dtypes",
+            "float32,bfloat16",
+            "--jobs",
+            "2",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**ENV, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")},
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())["results"]

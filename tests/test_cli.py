@@ -1,5 +1,6 @@
 """The ``lskd`` command line: help, make-synthetic, clear errors on bad input, kill -9 + --resume,
 and ``lskd demo --quick`` (marked ``demo``: deselect with ``-m "not demo"``)."""
+
 from __future__ import annotations
 
 import json
@@ -26,16 +27,55 @@ def _run(args, timeout=300, **kw):
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli") / "data"
-    assert main(["make-synthetic", "--out", str(root), "--classes", "4", "--images", "24", "--val-images", "8",
-                 "--size", "32", "--seed", "5"]) == 0
+    assert (
+        main(
+            [
+                "make-synthetic",
+                "--out",
+                str(root),
+                "--classes",
+                "4",
+                "--images",
+                "24",
+                "--val-images",
+                "8",
+                "--size",
+                "32",
+                "--seed",
+                "5",
+            ]
+        )
+        == 0
+    )
     return root
 
 
 def _train_args(data: Path, out: Path, *extra: str, task: str = "2-1", method: str = "mib") -> list:
     return [
-        "train", "--dataset", "folder", "--data-root", str(data), "--task", task, "--method", method,
-        "--out", str(out), "--backbone", "tiny", "--epochs", "1", "--batch-size", "8", "--crop", "32",
-        "--workers", "0", "--device", "cpu", *extra,
+        "train",
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(data),
+        "--task",
+        task,
+        "--method",
+        method,
+        "--out",
+        str(out),
+        "--backbone",
+        "tiny",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--crop",
+        "32",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        *extra,
     ]
 
 
@@ -117,8 +157,12 @@ def test_kill9_then_resume_equals_uninterrupted(synth, tmp_path, variant):
     r = _run(_train_args(synth, ref, *extra, method="lskd"))
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen(LSKD + _train_args(synth, out, *extra, method="lskd"), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        LSKD + _train_args(synth, out, *extra, method="lskd"),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     last = out / "checkpoints" / "step1-last.pt"
     deadline = time.time() + 240
     while not last.exists() and proc.poll() is None and time.time() < deadline:
@@ -136,7 +180,9 @@ def test_kill9_then_resume_equals_uninterrupted(synth, tmp_path, variant):
     assert got == want
     assert (out / "metrics.csv").read_text() == (ref / "metrics.csv").read_text()
     if variant:
-        assert json.loads((out / "weights" / "step1.json").read_text()) == json.loads((ref / "weights" / "step1.json").read_text())
+        assert json.loads((out / "weights" / "step1.json").read_text()) == json.loads(
+            (ref / "weights" / "step1.json").read_text()
+        )
 
 
 @pytest.mark.demo

@@ -6,13 +6,14 @@ torch.ops.lskd_triton.* (Triton importable: backend "triton"); the
 fails when CI expects one that is missing). All tests here are marked
 ``compile`` (slow; they run by default, deselect with ``-m "not compile"``).
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import F64, channel_mask, features, raw_ops, small_shape, spatial_mask
 
 import lskd
-from helpers import F64, channel_mask, features, raw_ops, small_shape, spatial_mask
 
 pytestmark = pytest.mark.compile
 

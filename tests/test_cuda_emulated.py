@@ -13,6 +13,7 @@ between barriers, FMA contraction by nvcc) needs the GPU tests (test_gpu.py).
 The library takes about a minute to build on 2 cores (once; ninja rebuilds
 only what changed, in build/cuda_emu).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -21,13 +22,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import lskd
 from cuda_emu import build as emu_build
 from helpers import (
     DTYPES,
     LAYOUTS,
     OpSpec,
+    assert_grad_close,
+    assert_rel_close,
     check_against_reference,
     check_masks_match_composite,
     check_md_masks_ties_and_nan,
@@ -40,9 +41,9 @@ from helpers import (
     random_pod_params,
     random_sop_params,
     stat_inputs,
-    assert_grad_close,
-    assert_rel_close,
 )
+
+import lskd
 from lskd import reference
 from lskd._validation import check_pair, reduction_code
 from lskd.ops.distill_terms import _prepared
@@ -66,8 +67,10 @@ def test_emulation_runtime(tmp_path):
     shared-memory checks of the emulation, on small kernels with known results;
     a missing barrier must give a wrong result."""
     lib_path = tmp_path / "selftest.so"
-    subprocess.run(["c++", "-O1", "-std=c++17", "-shared", "-fPIC", "-o", str(lib_path),
-                    str(HERE / "cuda_emu" / "selftest.cpp")], check=True)
+    subprocess.run(
+        ["c++", "-O1", "-std=c++17", "-shared", "-fPIC", "-o", str(lib_path), str(HERE / "cuda_emu" / "selftest.cpp")],
+        check=True,
+    )
     lib = ctypes.CDLL(str(lib_path))
     msg = ctypes.create_string_buffer(4096)
     code = lib.lskd_emu_selftest(msg, 4096)
@@ -79,8 +82,13 @@ def test_emulation_runtime(tmp_path):
 def test_sources_convert():
     """Every launch and dynamic shared-memory declaration of csrc/cuda is converted."""
     files = emu_build.sources()
-    assert {f.name for f in files} >= {"pod_distill_cu.cpp", "sop_distill_cu.cpp", "md_stats_cu.cpp",
-                                       "md_masks_cu.cpp", "autograd.cpp"}
+    assert {f.name for f in files} >= {
+        "pod_distill_cu.cpp",
+        "sop_distill_cu.cpp",
+        "md_stats_cu.cpp",
+        "md_masks_cu.cpp",
+        "autograd.cpp",
+    }
     with pytest.raises(RuntimeError, match="not converted"):
         emu_build.transform("void f() { k<<<1, 2>>>\n(x); }", "broken.cu")
 
@@ -101,8 +109,9 @@ def _emu_sop(emu):
     def sop(student, teacher, sm=None, cm=None, groups=20, window=5, stride=2, reduction="mean", backend=None):
         check_pair("sop_distill", student, teacher)
         m, k, p = _prepared("sop_distill", lskd.SopTerm(student, teacher, sm, cm, groups, window, stride), {})
-        return emu.sop_distill(student, teacher, m, k, p[1], p[2:4], p[4:6], p[6:8],
-                               reduction_code("sop_distill", reduction))
+        return emu.sop_distill(
+            student, teacher, m, k, p[1], p[2:4], p[4:6], p[6:8], reduction_code("sop_distill", reduction)
+        )
 
     return OpSpec("sop", sop, reference.sop_distances, random_sop_params)
 
@@ -154,6 +163,7 @@ def test_pod_kernel_paths(emu, path, shape, layout, scales, dtype):
 
 def test_pod_paths_take_distinct_kernels(emu):
     """The POD_PATHS shapes reach the kernels they are meant to (vectorised, strided, generic)."""
+
     def kernels(shape, layout, scales):
         s = features(shape, torch.float32, layout=layout)
         emu.emu_kernels()
@@ -188,8 +198,10 @@ def test_sop_kernel_paths(emu, path, shape, layout, params, dtype):
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_id)
 def test_zero_distance_and_nan(emu, dtype):
-    for op, variants in ((_emu_pod(emu), [dict(scales=(1, 2), square=True), dict(scales=(1,), square=False)]),
-                         (_emu_sop(emu), [dict(groups=2, window=3, stride=1), dict(groups=2, window=None, stride=1)])):
+    for op, variants in (
+        (_emu_pod(emu), [dict(scales=(1, 2), square=True), dict(scales=(1,), square=False)]),
+        (_emu_sop(emu), [dict(groups=2, window=3, stride=1), dict(groups=2, window=None, stride=1)]),
+    ):
         check_zero_distance(op, "cuda", dtype, (2, 6, 9, 11), variants)
         check_nan_propagates(op, "cuda", dtype, (2, 6, 9, 11), **variants[0])
 
@@ -203,9 +215,15 @@ def test_distill_terms_match_cpu(emu, layout):
     t = [features(sh, torch.float32, layout=layout) for sh in shapes]
     m = [torch.rand(sh[0], 1, sh[2], sh[3]) < 0.6 for sh in shapes]
     k = [torch.rand(sh[0], sh[1]) < 0.7 for sh in shapes]
-    terms = [lskd.PodTerm(s[0], t[0]), lskd.PodTerm(s[1], t[1]), lskd.PodTerm(s[2], t[2], m[2], k[2]),
-             lskd.PodTerm(s[3], t[3], m[3], k[3]), lskd.PodTerm(s[4], t[4], m[4], k[4]),
-             lskd.SopTerm(s[4], t[4], m[4], k[4], groups=4), lskd.PodTerm(s[5], t[5], m[5])]
+    terms = [
+        lskd.PodTerm(s[0], t[0]),
+        lskd.PodTerm(s[1], t[1]),
+        lskd.PodTerm(s[2], t[2], m[2], k[2]),
+        lskd.PodTerm(s[3], t[3], m[3], k[3]),
+        lskd.PodTerm(s[4], t[4], m[4], k[4]),
+        lskd.SopTerm(s[4], t[4], m[4], k[4], groups=4),
+        lskd.PodTerm(s[5], t[5], m[5]),
+    ]
     cache, spatial, channel, params = {}, [], [], []
     for i, term in enumerate(terms):
         mi, ki, p = _prepared(f"term {i}", term, cache)
@@ -260,8 +278,13 @@ def _check_md_masks(emu, a, cb, dn, labels, old=4, ignore=255):
     return check_masks_match_composite(emu.md_masks, stats, a, cb, dn, labels, old, ignore)
 
 
-MD_CASES = [((2, 16, 16, 16), torch.float32), ((3, 19, 13, 11), torch.bfloat16), ((2, 7, 9, 5), torch.float64),
-            ((1, 40, 48, 48), torch.float32), ((1, 6, 64, 160), torch.float16)]  # 2304 / 10240 pixels: 512 / 1024 threads
+MD_CASES = [
+    ((2, 16, 16, 16), torch.float32),
+    ((3, 19, 13, 11), torch.bfloat16),
+    ((2, 7, 9, 5), torch.float64),
+    ((1, 40, 48, 48), torch.float32),
+    ((1, 6, 64, 160), torch.float16),
+]  # 2304 / 10240 pixels: 512 / 1024 threads
 MD_LABELS = [(torch.uint8, "mixed"), (torch.int64, "per_image"), (torch.int32, "ignore"), (torch.int64, "extremes")]
 
 
@@ -277,8 +300,9 @@ def test_md_masks_match_composite(emu, shape, dtype, label_dtype, scenario, seed
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=dtype_id)
 def test_md_masks_ties_nan_and_global_rows(emu, dtype, seed):
-    a, cb, dn, labels = check_md_masks_ties_and_nan(lambda *x: _check_md_masks(emu, *x), dtype,
-                                                    torch.Generator().manual_seed(seed))
+    a, cb, dn, labels = check_md_masks_ties_and_nan(
+        lambda *x: _check_md_masks(emu, *x), dtype, torch.Generator().manual_seed(seed)
+    )
     # Rows that do not fit the (here tiny) shared memory: keys read from global memory in every pass.
     emu.emu_set_device(4, 1024)
     try:

@@ -1,4 +1,5 @@
 """Tests of lskd.data: tasks, image selection, label LUTs, readers, caching, transforms, synthetic."""
+
 from __future__ import annotations
 
 import json
@@ -7,11 +8,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from data_builders import save_palette_png, write_ade, write_voc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from data_builders import save_palette_png, write_ade, write_voc
 from lskd.data import (
     ADE20K_CLASSES,
     VOC_CLASSES,
@@ -219,7 +220,9 @@ def test_folder_with_classes_txt(tmp_path):
 
 
 def test_ade_reader(tmp_path):
-    data = write_ade(tmp_path, {"ADE_train_00000001": [0, 1, 150], "ADE_train_00000002": [12, 0]}, {"ADE_val_00000001": [5]})
+    data = write_ade(
+        tmp_path, {"ADE_train_00000001": [0, 1, 150], "ADE_train_00000002": [12, 0]}, {"ADE_val_00000001": [5]}
+    )
     assert len(ADE20K_CLASSES) == 151 and ADE20K_CLASSES[0] == "background" and ADE20K_CLASSES[1] == "wall"
     for r in (tmp_path, tmp_path / "ADEChallengeData2016"):
         ds = ADE20KSegmentation(r, "train")
@@ -273,7 +276,6 @@ def test_malformed_layouts(tmp_path):
         SegmentationFolder(tmp_path, "train")
 
 
-
 def test_text_files_with_bom(tmp_path):
     """classes.txt and split lists saved with a UTF-8 BOM (Windows Notepad) read as plain UTF-8."""
     write_voc(tmp_path, {"a": [1], "b": [2]}, {"c": [2]}, aug=False)
@@ -309,11 +311,15 @@ def test_label_value_outside_classes_is_lazy(tmp_path):
     save_palette_png(tmp_path / "SegmentationClass" / "bad.png", bad)
     ds = SegmentationFolder(tmp_path, "train")  # construction does not read labels
     ds[0]
-    for fn in (lambda: ds[1], lambda: ds.label_classes(1), lambda: image_classes(ds), lambda: image_classes(ds, workers=2)):
+    for fn in (
+        lambda: ds[1],
+        lambda: ds.label_classes(1),
+        lambda: image_classes(ds),
+        lambda: image_classes(ds, workers=2),
+    ):
         with pytest.raises(ValueError) as e:
             fn()
         assert "bad.png" in str(e.value) and "value 7" in str(e.value)
-
 
 
 def test_check_labels_before_training(tmp_path):
@@ -403,7 +409,6 @@ def test_step_indices_cache(tmp_path):
     assert step_indices(ds, task, 1, False, cache) == [1, 2, 3, 7]
     with pytest.raises(ValueError, match="classes"):
         step_indices(ds, parse_task("15-1", 21), 0, False, cache)
-
 
 
 def _touch_later(path, seconds: int = 10) -> None:
@@ -580,7 +585,13 @@ def test_synthetic_layout_and_content(tmp_path):
     k = 5
     root = make_synthetic(tmp_path / "syn", classes=k, images=15, size=32, seed=3, val_images=5)
     assert root == tmp_path / "syn"
-    for p in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation/train.txt", "ImageSets/Segmentation/val.txt", "classes.txt"):
+    for p in (
+        "JPEGImages",
+        "SegmentationClass",
+        "ImageSets/Segmentation/train.txt",
+        "ImageSets/Segmentation/val.txt",
+        "classes.txt",
+    ):
         assert (root / p).exists(), p
     names = (root / "classes.txt").read_text().splitlines()
     assert names[0] == "background" and len(names) == k + 1 and len(set(names)) == k + 1
@@ -608,9 +619,9 @@ def test_synthetic_deterministic(tmp_path):
     b = make_synthetic(tmp_path / "b", seed=1, **kw)
     c = make_synthetic(tmp_path / "c", seed=2, **kw)
     da, db, dc = (SegmentationFolder(r, "train") for r in (a, b, c))
-    same = diff = 0
+    diff = 0
     for i in range(8):
-        (ia, la), (ib, lb), (ic, lc) = da[i], db[i], dc[i]
+        (ia, la), (ib, lb), (ic, _) = da[i], db[i], dc[i]
         assert np.array_equal(np.asarray(ia), np.asarray(ib)) and np.array_equal(la, lb)
         diff += not np.array_equal(np.asarray(ia), np.asarray(ic))
     assert diff == 8
@@ -627,7 +638,9 @@ def test_synthetic_deterministic(tmp_path):
 
 
 def test_synthetic_jpeg_and_ignore_border(tmp_path):
-    root = make_synthetic(tmp_path / "s", classes=3, images=6, size=32, val_images=0, image_format="jpg", ignore_border=True)
+    root = make_synthetic(
+        tmp_path / "s", classes=3, images=6, size=32, val_images=0, image_format="jpg", ignore_border=True
+    )
     ds = SegmentationFolder(root, "train")
     assert ds.samples[0][0].endswith(".jpg")
     vals = set()

@@ -5,14 +5,13 @@ against the float64 reference; gradients of a weighted sum of the terms, of
 one term alone (no backward of the others), with a student shared by two
 terms; errors that name the term; opcheck and torch.compile of the op.
 """
+
 from __future__ import annotations
 
 import random
 
 import pytest
 import torch
-
-import lskd
 from helpers import (
     F64,
     POD,
@@ -28,6 +27,8 @@ from helpers import (
     spatial_mask,
     tolerance,
 )
+
+import lskd
 from lskd import PodTerm, SopTerm, reference
 
 DTYPES = [torch.float32, F64, torch.bfloat16, torch.float16]
@@ -49,7 +50,9 @@ def _random_terms(rng: random.Random, backend: str, dtype: torch.dtype, count: i
     if pods:  # one more term on the student (and masks) of a pod term
         p = pods[0]
         c = p.student.shape[1]
-        terms.append(SopTerm(p.student, p.teacher, p.spatial_mask, p.channel_mask, groups=min(3, c), window=3, stride=2))
+        terms.append(
+            SopTerm(p.student, p.teacher, p.spatial_mask, p.channel_mask, groups=min(3, c), window=3, stride=2)
+        )
     return terms
 
 
@@ -71,8 +74,11 @@ def _students(terms):
 def _oracle(term):
     """Float64 reference distance per image [N] of one term, differentiable in a float64 copy."""
     ref = reference.pod_distances if isinstance(term, PodTerm) else reference.sop_distances
-    extra = dict(scales=term.scales, square=term.square) if isinstance(term, PodTerm) else dict(
-        groups=term.groups, window=term.window, stride=term.stride)
+    extra = (
+        dict(scales=term.scales, square=term.square)
+        if isinstance(term, PodTerm)
+        else dict(groups=term.groups, window=term.window, stride=term.stride)
+    )
     return ref, extra
 
 
@@ -116,8 +122,13 @@ def test_matches_float64_reference(backend, case, rng):
     tol = tolerance(backend, dtype)
     for i, (term, w) in enumerate(zip(terms, weights)):
         ref, extra = _oracle(term)
-        d = ref(copies[id(term.student)], term.teacher.to(F64), mask64(term.spatial_mask), mask64(term.channel_mask),
-                **extra).mean()
+        d = ref(
+            copies[id(term.student)],
+            term.teacher.to(F64),
+            mask64(term.spatial_mask),
+            mask64(term.channel_mask),
+            **extra,
+        ).mean()
         assert_rel_close(out[i], d, tol.dist, f"term {i} ({type(term).__name__}, {backend}, {dtype})")
         ref_total = ref_total + w * d
     expected = torch.autograd.grad(ref_total, [copies[id(s)] for s in students])
@@ -134,7 +145,7 @@ def test_gradcheck_float64(backend):
     s2 = torch.randn(2, 9, 6, 6, dtype=F64, requires_grad=True)
     t1, t2 = torch.randn_like(s1), torch.randn_like(s2)
     m2 = torch.rand(2, 1, 6, 6, dtype=F64)
-    k2 = (torch.rand(2, 9) < 0.7)
+    k2 = torch.rand(2, 9) < 0.7
 
     def f(a, b):
         out = lskd.distill_terms(
@@ -261,7 +272,14 @@ def test_cuda_lskd_maps_equal_single_calls(gpu_backend, dtype):
     """The six LSKD maps (scaled: N = 4) on the GPU: equal to the single-term calls; bitwise
     the same in two runs."""
     torch.manual_seed(5)
-    shapes = [(4, 256, 64, 64), (4, 512, 32, 32), (4, 1024, 16, 16), (4, 2048, 16, 16), (4, 256, 16, 16), (4, 16, 16, 16)]
+    shapes = [
+        (4, 256, 64, 64),
+        (4, 512, 32, 32),
+        (4, 1024, 16, 16),
+        (4, 2048, 16, 16),
+        (4, 256, 16, 16),
+        (4, 16, 16, 16),
+    ]
     s = [features(sh, dtype, "cuda").requires_grad_(True) for sh in shapes]
     t = [features(sh, dtype, "cuda") for sh in shapes]
     m = [spatial_mask("bool", sh[0], sh[2], sh[3], dtype, "cuda") for sh in shapes]

@@ -1,4 +1,5 @@
 """The scripts in examples/ run to completion (they are the README's drop-in usage)."""
+
 from __future__ import annotations
 
 import os

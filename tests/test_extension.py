@@ -8,6 +8,7 @@
   reference. Each case runs in a subprocess on a copy of the package in
   tmp_path (the repository is never modified).
 """
+
 from __future__ import annotations
 
 import importlib.machinery
@@ -91,7 +92,9 @@ res = {
     "available": lskd.available_backends("cpu"),
     "c_imported": "lskd._C" in sys.modules,
     "pod_ok": abs(lskd.pod_distill(s, t).item() - lskd.reference.pod_distances(s, t).mean().item()) < 1e-4,
-    "sop_ok": abs(lskd.sop_distill(s, t, groups=3).item() - lskd.reference.sop_distances(s, t, groups=3).mean().item()) < 1e-4,
+    "sop_ok": abs(
+        lskd.sop_distill(s, t, groups=3).item() - lskd.reference.sop_distances(s, t, groups=3).mean().item()
+    ) < 1e-4,
 }
 try:
     lskd.pod_distill(s, t, backend="cpu")
@@ -124,7 +127,7 @@ def _probe(site: Path) -> dict:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("PROBE")][-1]
-    res = json.loads(line[len("PROBE"):])
+    res = json.loads(line[len("PROBE") :])
     assert Path(res["file"]).resolve().is_relative_to(site.resolve()), f"imported {res['file']}, not the copy"
     return res
 

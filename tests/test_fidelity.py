@@ -6,6 +6,7 @@
 * Training crops never leave the image (release run.py 44: ``RandomResizedCrop(crop, (0.5, 2.0))``,
   dataset/transform.py 507-545: windows sampled inside the image, central-crop fallback).
 """
+
 from __future__ import annotations
 
 import copy

@@ -7,14 +7,13 @@ bitwise reproducibility; opcheck and torch.compile on CUDA tensors.
 Run on the GPU machine with ``LSKD_EXPECT_GPU_BACKENDS=cuda,triton pytest tests -m gpu``
 (test_extension.py::test_expected_gpu_backends fails if one is missing).
 """
+
 from __future__ import annotations
 
 import random
 
 import pytest
 import torch
-
-import lskd
 from helpers import (
     POD,
     SOP,
@@ -22,8 +21,8 @@ from helpers import (
     check_against_reference,
     check_deterministic,
     check_masks_match_composite,
-    check_md_masks_ties_and_nan,
     check_md_masks_parity,
+    check_md_masks_ties_and_nan,
     check_nan_propagates,
     check_zero_distance,
     composite_masks,
@@ -33,6 +32,8 @@ from helpers import (
     spatial_mask,
     stat_inputs,
 )
+
+import lskd
 from lskd import reference
 from lskd.ops import md_statistics
 
@@ -40,7 +41,14 @@ pytestmark = pytest.mark.gpu
 DEV = "cuda"
 
 # Feature maps distilled by LSKD (DeepLabV3-ResNet101, 512x512 crops, output stride 16), N = 2.
-LSKD_SHAPES = [(2, 256, 128, 128), (2, 512, 64, 64), (2, 1024, 32, 32), (2, 2048, 32, 32), (2, 256, 32, 32), (2, 16, 32, 32)]
+LSKD_SHAPES = [
+    (2, 256, 128, 128),
+    (2, 512, 64, 64),
+    (2, 1024, 32, 32),
+    (2, 2048, 32, 32),
+    (2, 256, 32, 32),
+    (2, 16, 32, 32),
+]
 ODD_SHAPES = [(2, 19, 33, 47), (2, 300, 65, 63), (1, 3, 7, 129), (2, 21, 1, 17)]
 F32, BF16 = torch.float32, torch.bfloat16
 # Every shape in float32/contiguous and bfloat16/channels-last; the other two combinations on
@@ -56,8 +64,11 @@ CASE_IDS = [f"{list(s)}-{str(d)[6:]}-{lay}" for s, d, lay in CASES]
 def _sop_params(shape, variant: int = 0):
     c = shape[1]
     groups = 20 if c >= 20 else max(1, c // 4)
-    return [dict(groups=groups, window=5, stride=2), dict(groups=groups, window=None, stride=1),
-            dict(groups=max(1, groups // 2), window=3, stride=1)][variant]
+    return [
+        dict(groups=groups, window=5, stride=2),
+        dict(groups=groups, window=None, stride=1),
+        dict(groups=max(1, groups // 2), window=3, stride=1),
+    ][variant]
 
 
 def _inputs(shape, dtype, layout, masked):
@@ -73,8 +84,9 @@ def test_pod_matches_reference(gpu_backend, shape, dtype, layout):
     masked = layout == "channels_last" or shape in ODD_SHAPES
     s, t, sm, cm = _inputs(shape, dtype, layout, masked)
     reduction = "none" if dtype == BF16 else "mean"
-    check_against_reference(POD, gpu_backend, s, t, sm, cm, reduction, scales=(1, 2, 4) if min(shape[2:]) >= 4 else (1,),
-                            square=True)
+    check_against_reference(
+        POD, gpu_backend, s, t, sm, cm, reduction, scales=(1, 2, 4) if min(shape[2:]) >= 4 else (1,), square=True
+    )
 
 
 @pytest.mark.parametrize("shape,dtype,layout", CASES, ids=CASE_IDS)
@@ -97,8 +109,16 @@ def test_md_statistics_match_reference(gpu_backend, shape, dtype):
         torch.testing.assert_close(g.double(), e, rtol=2e-5, atol=2e-6 * max(1.0, e.abs().max().item()), msg=name)
 
 
-@pytest.mark.parametrize("scenario,kind", [("mixed", "prototypes"), ("per_image", "constant"), ("ignore", "distinct"),
-                                           ("all_new", "prototypes"), ("o_covers_all", "distinct")])
+@pytest.mark.parametrize(
+    "scenario,kind",
+    [
+        ("mixed", "prototypes"),
+        ("per_image", "constant"),
+        ("ignore", "distinct"),
+        ("all_new", "prototypes"),
+        ("o_covers_all", "distinct"),
+    ],
+)
 def test_md_masks_match_release(gpu_backend, scenario, kind, rng):
     check_md_masks_parity(gpu_backend, rng, scenario, kind, F32, device=DEV)
 
@@ -107,14 +127,27 @@ def test_md_masks_match_release(gpu_backend, scenario, kind, rng):
 def test_zero_distance_and_nan(gpu_backend, dtype):
     shape = (2, 64, 33, 32)
     check_zero_distance(POD, gpu_backend, dtype, shape, [dict(scales=(1, 2, 4), square=True)], device=DEV)
-    check_zero_distance(SOP, gpu_backend, dtype, shape, [dict(groups=20, window=5, stride=2),
-                                                         dict(groups=8, window=None, stride=1)], device=DEV)
+    check_zero_distance(
+        SOP,
+        gpu_backend,
+        dtype,
+        shape,
+        [dict(groups=20, window=5, stride=2), dict(groups=8, window=None, stride=1)],
+        device=DEV,
+    )
     check_nan_propagates(POD, gpu_backend, dtype, shape, device=DEV)
     check_nan_propagates(SOP, gpu_backend, dtype, shape, device=DEV, groups=20, window=5, stride=2)
 
 
-@pytest.mark.parametrize("shape,dtype,layout", [((2, 256, 128, 128), F32, "channels_last"), ((2, 2048, 32, 32), BF16, "contiguous"),
-                                                ((2, 300, 65, 63), F32, "contiguous")], ids=str)
+@pytest.mark.parametrize(
+    "shape,dtype,layout",
+    [
+        ((2, 256, 128, 128), F32, "channels_last"),
+        ((2, 2048, 32, 32), BF16, "contiguous"),
+        ((2, 300, 65, 63), F32, "contiguous"),
+    ],
+    ids=str,
+)
 def test_bitwise_reproducible(gpu_backend, shape, dtype, layout):
     check_deterministic(POD, gpu_backend, dtype, shape, device=DEV, layout=layout, scales=(1, 2, 4))
     check_deterministic(SOP, gpu_backend, dtype, shape, device=DEV, layout=layout, **_sop_params(shape))
@@ -134,11 +167,15 @@ def test_opcheck_cuda(gpu_compiled_backend, requires_grad):
         m, k = torch.rand(n, h, w, device=DEV), (torch.rand(n, c, device=DEV) < 0.7).float()
         torch.library.opcheck(ops.pod_forward.default, (s, t, m, k, [1, 2, 4], True))
         dist, emb = ops.pod_forward(s.detach(), t, m, k, [1, 2, 4], True)
-        torch.library.opcheck(ops.pod_backward.default, (torch.rand_like(dist), s.detach(), m, k, dist, emb, [1, 2, 4], True))
+        torch.library.opcheck(
+            ops.pod_backward.default, (torch.rand_like(dist), s.detach(), m, k, dist, emb, [1, 2, 4], True)
+        )
         geometry = ([5, 5], [2, 2], [2, 2])
         torch.library.opcheck(ops.sop_forward.default, (s, t, m, k, 5, *geometry))
         dist, pooled = ops.sop_forward(s.detach(), t, m, k, 5, *geometry)
-        torch.library.opcheck(ops.sop_backward.default, (torch.rand_like(dist), s.detach(), m, k, dist, pooled, 5, *geometry))
+        torch.library.opcheck(
+            ops.sop_backward.default, (torch.rand_like(dist), s.detach(), m, k, dist, pooled, 5, *geometry)
+        )
         if not requires_grad:
             torch.library.opcheck(ops.md_stats.default, (s, t, features(shape, dtype, DEV), 1e-8))
 
@@ -158,7 +195,9 @@ def test_compile_cuda(gpu_compiled_backend):
     rng = random.Random(0)
     s, t = features(shape, BF16, DEV, "channels_last"), features(shape, BF16, DEV, "channels_last")
     fb, fn = features(shape, BF16, DEV), features(shape, BF16, DEV)
-    labels = torch.tensor([[rng.choice([0, 1, 5, 6, 255]) for _ in range(64 * 64)] for _ in range(2)], device=DEV).reshape(2, 64, 64)
+    labels = torch.tensor(
+        [[rng.choice([0, 1, 5, 6, 255]) for _ in range(64 * 64)] for _ in range(2)], device=DEV
+    ).reshape(2, 64, 64)
     results = []
     for fn_ in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
         x = s.detach().requires_grad_(True)
@@ -166,7 +205,9 @@ def test_compile_cuda(gpu_compiled_backend):
         out.backward()
         results.append((out.detach(), x.grad))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=0)
-    torch.testing.assert_close(results[1][1].float(), results[0][1].float(), rtol=1e-2, atol=1e-2 * results[0][1].abs().max().item())
+    torch.testing.assert_close(
+        results[1][1].float(), results[0][1].float(), rtol=1e-2, atol=1e-2 * results[0][1].abs().max().item()
+    )
     torch._dynamo.reset()
 
 
@@ -231,8 +272,9 @@ def test_md_masks_cuda_ties_and_nan(gpu_backends, dtype, seed):
     check_md_masks_ties_and_nan(_check_md_masks_cuda, dtype, torch.Generator().manual_seed(seed), DEV)
 
 
-@pytest.mark.parametrize("shape,dtype", [((2, 256, 128, 128), F32), ((2, 2048, 32, 32), BF16), ((3, 5, 7, 9), torch.float64)],
-                         ids=str)
+@pytest.mark.parametrize(
+    "shape,dtype", [((2, 256, 128, 128), F32), ((2, 2048, 32, 32), BF16), ((3, 5, 7, 9), torch.float64)], ids=str
+)
 def test_md_masks_cuda_deterministic(gpu_backends, shape, dtype, seed):
     _need_cuda_backend(gpu_backends)
     n, c, h, w = shape

@@ -7,12 +7,11 @@
   every dot product and channel sum is exact, duplicates are bitwise equal).
 * batched_quantile equals torch.quantile bitwise.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
-
-import lskd
 from helpers import (
     DTYPES,
     DTYPES_TRITON,
@@ -23,9 +22,10 @@ from helpers import (
     labels_for,
     stat_inputs,
 )
+
+import lskd
 from lskd import reference
 from lskd.ops import batched_quantile, md_statistics
-
 
 SCENARIOS = ["mixed", "all_background", "all_old", "all_new", "ignore", "all_ignore", "o_covers_all", "per_image"]
 FEATURE_KINDS = ["prototypes", "constant", "distinct"]
@@ -36,7 +36,8 @@ FEATURE_KINDS = ["prototypes", "constant", "distinct"]
 
 @pytest.mark.backend_params(
     "dtype,layout",
-    [(d, lay) for d in DTYPES for lay in ("contiguous", "channels_last")] + [(torch.float32, "strided"), (F64, "transposed")],
+    [(d, lay) for d in DTYPES for lay in ("contiguous", "channels_last")]
+    + [(torch.float32, "strided"), (F64, "transposed")],
     triton=[(d, "contiguous") for d in DTYPES_TRITON] + [(torch.bfloat16, "channels_last")],
 )
 def test_statistics_match_reference(backend, dtype, layout):

@@ -1,4 +1,5 @@
 """CISS methods: named terms, hand-computed UNCE/UNKD, PLOP pseudo-labels, LSKD masks, training."""
+
 from __future__ import annotations
 
 import copy
@@ -174,8 +175,9 @@ def test_unce_averages_over_all_pixels_as_released():
     """MiB/PLOP/LSKD's release: nll_loss(reduction='none') gives 0 at ignored pixels, then .mean()
     over ALL N*H*W pixels (LSKD train.py:46, 52-53, 400, 412; utils/loss.py:166)."""
     # N = 2 images of 1 x 3 pixels, K = 3 (O = 2: bg + one old class, one new class 2)
-    z = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 0.0, 0.0], [3.0, 3.0, 3.0]],
-                      [[2.0, -1.0, 0.0], [0.5, 0.5, 0.5], [-2.0, 4.0, 1.0]]])  # [N, pixels, K]
+    z = torch.tensor(
+        [[[0.0, 1.0, 2.0], [1.0, 0.0, 0.0], [3.0, 3.0, 3.0]], [[2.0, -1.0, 0.0], [0.5, 0.5, 0.5], [-2.0, 4.0, 1.0]]]
+    )  # [N, pixels, K]
     logits = z.permute(0, 2, 1).reshape(2, 3, 1, 3)
     labels = torch.tensor([[[0, 255, 2]], [[255, 1, 255]]])
 
@@ -246,16 +248,18 @@ def test_histogram_median():
 
 def test_released_histogram_threshold_hand_made():
     """The release's find_median adds the bin INDEX to its running sum (not the bin's count)."""
-    hist = torch.tensor([
-        [3, 1, 2, 4],  # total 10, half 5; running sums (indices) 0, 0, 1, 3 -> breaks at bin 3
-                       # (5 <= 3 + 4): 0.75 + (5 - 3) / 4 * 0.25 = 0.875; exact median 0.625
-        [5, 5, 5, 0],  # half 7.5 never <= sum + count -> loop ends at bin 3 (count 0), running sum
-                       # 0+1+2+3 = 6: 0.75 + (7.5 - 6) / 0 * 0.25 = inf (every pixel accepted); median 0.375
-        [0, 0, 0, 1],  # half 0.5 < running sum from bin 2 on -> ends with sum 6: 0.75 + (0.5 - 6) / 1 * 0.25
-                       # = -0.625 (below any floor); median 0.875
-        [4, 0, 0, 0],  # half 2 <= 0 + 4 at bin 0: 0 + 2 / 4 * 0.25 = 0.125 = the median
-        [0, 0, 0, 0],  # no count: 0
-    ])
+    hist = torch.tensor(
+        [
+            [3, 1, 2, 4],  # total 10, half 5; running sums (indices) 0, 0, 1, 3 -> breaks at bin 3
+            # (5 <= 3 + 4): 0.75 + (5 - 3) / 4 * 0.25 = 0.875; exact median 0.625
+            [5, 5, 5, 0],  # half 7.5 never <= sum + count -> loop ends at bin 3 (count 0), running sum
+            # 0+1+2+3 = 6: 0.75 + (7.5 - 6) / 0 * 0.25 = inf (every pixel accepted); median 0.375
+            [0, 0, 0, 1],  # half 0.5 < running sum from bin 2 on -> ends with sum 6: 0.75 + (0.5 - 6) / 1 * 0.25
+            # = -0.625 (below any floor); median 0.875
+            [4, 0, 0, 0],  # half 2 <= 0 + 4 at bin 0: 0 + 2 / 4 * 0.25 = 0.125 = the median
+            [0, 0, 0, 0],  # no count: 0
+        ]
+    )
     got = released_histogram_threshold(hist)
     assert got.dtype == torch.float32 and got.shape == (5,)
     assert got.tolist() == [0.875, math.inf, -0.625, 0.125, 0.0]
@@ -482,7 +486,16 @@ def test_lskd_factors(nets):
     one.labeler = m.labeler
     u = _run(one, teacher, student, images, labels)
     student.train()
-    want = {"mcd": 0.005, "unkd": 10.0, "pod0": 0.01, "pod1": 0.01, "md2": 0.01, "md3": 0.01, "md4": 0.01, "md5": 0.0005}
+    want = {
+        "mcd": 0.005,
+        "unkd": 10.0,
+        "pod0": 0.01,
+        "pod1": 0.01,
+        "md2": 0.01,
+        "md3": 0.01,
+        "md4": 0.01,
+        "md5": 0.0005,
+    }
     for k, f in want.items():
         torch.testing.assert_close(t[k], f * u[k], rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(t["ce"], u["ce"])
@@ -519,7 +532,9 @@ def test_logits_map_dtypes_match_under_autocast_like_mixing():
     logits = torch.randn(2, 6, 4, 4, dtype=torch.bfloat16)
     collapsed = collapse_new_into_background(logits, 4)
     assert collapsed.dtype == torch.bfloat16 and collapsed.shape == (2, 4, 4, 4)
-    expected = torch.cat([logits[:, :1].float() + logits[:, 4:].float().sum(1, keepdim=True), logits[:, 1:4].float()], 1)
+    expected = torch.cat(
+        [logits[:, :1].float() + logits[:, 4:].float().sum(1, keepdim=True), logits[:, 1:4].float()], 1
+    )
     torch.testing.assert_close(collapsed.float(), expected, rtol=2e-2, atol=2e-2)  # bf16 roundings
     student = torch.randn(2, 4, 4, 4)
     teacher = torch.randn(2, 4, 4, 4, dtype=torch.float16)

@@ -1,4 +1,5 @@
 """DeepLabV3 / ResNet: shapes of the six maps, pre-ReLU maps, MiB init, pretrained loading."""
+
 from __future__ import annotations
 
 import math
@@ -203,7 +204,12 @@ TORCHVISION_KEYS_R18 = [
     "layer2.0.downsample.1.weight",
     "layer4.1.conv2.weight",
 ]
-TORCHVISION_KEYS_R50 = ["layer1.0.conv3.weight", "layer1.0.bn3.bias", "layer1.0.downsample.0.weight", "layer4.2.bn3.running_mean"]
+TORCHVISION_KEYS_R50 = [
+    "layer1.0.conv3.weight",
+    "layer1.0.bn3.bias",
+    "layer1.0.downsample.0.weight",
+    "layer4.2.bn3.running_mean",
+]
 
 
 def _torchvision_like_state(backbone: ResNet, with_tracking: bool) -> dict:

@@ -1,10 +1,9 @@
 """pod_distill (Local POD / MD): every available backend against the float64 reference."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
-import lskd
 from helpers import (
     DTYPES,
     DTYPES_TRITON,
@@ -31,6 +30,8 @@ from helpers import (
     small_shape,
     spatial_mask,
 )
+
+import lskd
 
 DT = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 
@@ -136,7 +137,7 @@ def plop_local_pod(x: torch.Tensor, scales) -> torch.Tensor:
         k = w // scale
         for i in range(scale):
             for j in range(scale):
-                tensor = x[..., i * k:(i + 1) * k, j * k:(j + 1) * k]
+                tensor = x[..., i * k : (i + 1) * k, j * k : (j + 1) * k]
                 horizontal_pool = tensor.mean(dim=3).view(b, -1)
                 vertical_pool = tensor.mean(dim=2).view(b, -1)
                 emb.append(horizontal_pool)

@@ -1,6 +1,7 @@
 """The training protocol's options: the student's BatchNorm in steps > 0 (--bn), the pseudo-label
 threshold rule (--pseudo-threshold), and what each step reports (pseudo-label statistics, the
 BatchNorm gap at the first batch)."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,18 @@ def synth(tmp_path_factory) -> Path:
 
 def _cfg(data: Path, out: Path, method: str = "plop", **kw) -> TrainConfig:
     base = dict(
-        dataset="folder", data_root=str(data), task="2-1", method=method, out=str(out), backbone="tiny",
-        epochs=1, batch_size=8, crop=32, workers=0, quiet=True, device="cpu",
+        dataset="folder",
+        data_root=str(data),
+        task="2-1",
+        method=method,
+        out=str(out),
+        backbone="tiny",
+        epochs=1,
+        batch_size=8,
+        crop=32,
+        workers=0,
+        quiet=True,
+        device="cpu",
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -96,13 +107,19 @@ def test_aggregate_seeds_mean_and_sample_std():
     from lskd.demo import aggregate_seeds
 
     def summary(old, new):
-        return {"steps": [{"step": 0, "miou_old": 50.0, "miou_new": None, "miou_all": 50.0},
-                          {"step": 1, "miou_old": old, "miou_new": new, "miou_all": (old + new) / 2}]}
+        return {
+            "steps": [
+                {"step": 0, "miou_old": 50.0, "miou_new": None, "miou_all": 50.0},
+                {"step": 1, "miou_old": old, "miou_new": new, "miou_all": (old + new) / 2},
+            ]
+        }
 
-    agg = aggregate_seeds({0: {"mib": summary(10.0, 20.0)}, 1: {"mib": summary(14.0, 20.0)}, 2: {"mib": summary(12.0, 26.0)}})
+    agg = aggregate_seeds(
+        {0: {"mib": summary(10.0, 20.0)}, 1: {"mib": summary(14.0, 20.0)}, 2: {"mib": summary(12.0, 26.0)}}
+    )
     last = agg["mib"][-1]
     assert last["step"] == 1 and last["miou_old"] == {"mean": 12.0, "std": 2.0, "n": 3}
-    assert last["miou_new"]["mean"] == 22.0 and last["miou_new"]["std"] == pytest.approx(12.0 ** 0.5)
+    assert last["miou_new"]["mean"] == 22.0 and last["miou_new"]["std"] == pytest.approx(12.0**0.5)
     assert agg["mib"][0]["miou_new"] is None and agg["mib"][0]["miou_old"]["std"] == 0.0
 
 
@@ -112,13 +129,35 @@ def test_demo_with_seeds(tmp_path, monkeypatch):
     import lskd.demo as demo
     from lskd.cli import main
 
-    tiny = dict(data=dict(classes=4, images=24, val_images=8, size=32, max_objects=2), task="2-1",
-                train=dict(backbone="tiny", output_stride=8, epochs=1, epochs_next=1, batch_size=8, crop=32,
-                           lr=0.1, lr_next=0.01))
+    tiny = dict(
+        data=dict(classes=4, images=24, val_images=8, size=32, max_objects=2),
+        task="2-1",
+        train=dict(
+            backbone="tiny", output_stride=8, epochs=1, epochs_next=1, batch_size=8, crop=32, lr=0.1, lr_next=0.01
+        ),
+    )
     monkeypatch.setitem(demo.PRESETS, "quick", tiny)
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--seeds", "2", "--seed", "4",
-                 "--methods", "finetune,mib", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--quick",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--seeds",
+                "2",
+                "--seed",
+                "4",
+                "--methods",
+                "finetune,mib",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     s = json.loads((out / "summary.json").read_text())
     assert set(s["seeds"]) == {"4", "5"} and s["settings"]["seeds"] == [4, 5]
     assert s["seeds"]["4"]["mib"]["steps"] != s["seeds"]["5"]["mib"]["steps"]

@@ -2,6 +2,7 @@
 history across invocations, temporaries left by a kill, the lock, one-line errors (device,
 learning rate, divergence, read-only and full disks), term-weight names, file modes, checks
 before training, and corrupt checkpoints."""
+
 from __future__ import annotations
 
 import errno
@@ -34,8 +35,18 @@ def synth(tmp_path_factory) -> Path:
 
 def _cfg(data: Path, out: Path, method: str = "mib", **kw) -> TrainConfig:
     base = dict(
-        dataset="folder", data_root=str(data), task="2-1", method=method, out=str(out), backbone="tiny",
-        epochs=1, batch_size=8, crop=32, workers=0, quiet=True, device="cpu",
+        dataset="folder",
+        data_root=str(data),
+        task="2-1",
+        method=method,
+        out=str(out),
+        backbone="tiny",
+        epochs=1,
+        batch_size=8,
+        crop=32,
+        workers=0,
+        quiet=True,
+        device="cpu",
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -43,9 +54,31 @@ def _cfg(data: Path, out: Path, method: str = "mib", **kw) -> TrainConfig:
 
 def _args(data: Path, out: Path, *extra: str) -> list:
     return [
-        "train", "--dataset", "folder", "--data-root", str(data), "--task", "2-1", "--method", "mib",
-        "--out", str(out), "--backbone", "tiny", "--epochs", "1", "--batch-size", "8", "--crop", "32",
-        "--workers", "0", "--device", "cpu", "--quiet", *extra,
+        "train",
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(data),
+        "--task",
+        "2-1",
+        "--method",
+        "mib",
+        "--out",
+        str(out),
+        "--backbone",
+        "tiny",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--crop",
+        "32",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--quiet",
+        *extra,
     ]
 
 
@@ -81,8 +114,11 @@ def test_resume_with_other_settings_is_refused(synth, tmp_path):
     out = tmp_path / "run"
     train(_cfg(synth, out, step=0, epochs=2))
     config = (out / "config.json").read_text()
-    for change, flag in [(dict(epochs=5), "--epochs"), (dict(lr_next=0.1), "--lr-next"),
-                         (dict(seed=9, lr=5.0), "--seed")]:
+    for change, flag in [
+        (dict(epochs=5), "--epochs"),
+        (dict(lr_next=0.1), "--lr-next"),
+        (dict(seed=9, lr=5.0), "--seed"),
+    ]:
         settings = {"epochs": 2, **change}
         with pytest.raises(RunError, match=flag):
             train(_cfg(synth, out, resume=True, **settings))

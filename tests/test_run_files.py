@@ -1,5 +1,6 @@
 """Files of the run directory: their permissions, stale temporaries of killed writers, and
 checkpoint checksums (a flipped byte is reported, never loaded)."""
+
 from __future__ import annotations
 
 import io

@@ -2,6 +2,7 @@
 parameters and buffers, a planted-answer search, errors, checkpoints and the DDP average.
 
 Everything runs on the CPU in float64 on tiny networks (the whole file takes a few seconds)."""
+
 from __future__ import annotations
 
 import copy
@@ -94,7 +95,9 @@ def exact_products(search: SchemeSearch, params: List[Tensor], v, terms: Callabl
     D = torch.zeros(len(search.maps), len(search.schemes), dtype=DT)
     for i, l in enumerate(search.maps):
         for j, s in enumerate(search.schemes):
-            names = {"pod": [f"pod{l}"], "md": [f"md{l}"], "md+mcd": [f"md{l}", "mcd" if l == 4 else f"mcd{l}"]}.get(s, [])
+            names = {"pod": [f"pod{l}"], "md": [f"md{l}"], "md+mcd": [f"md{l}", "mcd" if l == 4 else f"mcd{l}"]}.get(
+                s, []
+            )
             if not names:
                 continue
             tr = terms()
@@ -336,7 +339,12 @@ def test_second_order_virtual_step_and_restore():
 
     saved = state_of(model)
     diag = search.hypergradient(
-        model.parameters(), terms_of(model), val_fn, xi=xi, train_grads=[p.grad for p in model.parameters()], buffers_of=model
+        model.parameters(),
+        terms_of(model),
+        val_fn,
+        xi=xi,
+        train_grads=[p.grad for p in model.parameters()],
+        buffers_of=model,
     )
     assert len(seen) == 1 and torch.equal(seen[0], saved[0].add(g_train[0], alpha=-xi))  # evaluated at theta'
     assert_bitwise(model, saved)
@@ -352,7 +360,11 @@ def test_second_order_virtual_step_and_restore():
     torch.testing.assert_close(search.beta.grad, gb, rtol=1e-10, atol=1e-14)
     assert_bitwise(model, saved)
     search.hypergradient(
-        model.parameters(), terms_of(model), val_of(model), xi=xi, buffers_of=model,
+        model.parameters(),
+        terms_of(model),
+        val_of(model),
+        xi=xi,
+        buffers_of=model,
         train_loss_fn=lambda: search.train_loss(terms_of(model)()),
     )
     torch.testing.assert_close(search.w.grad, gw, rtol=1e-10, atol=1e-14)
@@ -408,8 +420,14 @@ def planted_run(seed: int, iters: int, order: int) -> SchemeSearch:
     def terms() -> Dict[str, Tensor]:
         f = net(x)
         f0, f1, y0, y1 = f[:, :2], f[:, 2:], x @ A0.T, x @ A1.T
-        return {"md0": _msq(f0 - y0), "pod0": _msq(f0 + y0), "mcd0": _msq(f0),
-                "pod1": _msq(f1 - y1), "md1": _msq(f1 + y1), "mcd1": _msq(f1)}
+        return {
+            "md0": _msq(f0 - y0),
+            "pod0": _msq(f0 + y0),
+            "mcd0": _msq(f0),
+            "pod1": _msq(f1 - y1),
+            "md1": _msq(f1 + y1),
+            "mcd1": _msq(f1),
+        }
 
     def val() -> Tensor:
         f = net(xv)
@@ -472,7 +490,9 @@ def test_errors():
     with pytest.raises(FloatingPointError, match="validation loss is not finite"):
         search.hypergradient(model.parameters(), terms, lambda: val() * float("nan"), xi=0.1)
     with pytest.raises(ValueError, match="train_grads"):
-        SchemeSearch(maps=(0, 1), order=2, dtype=DT).hypergradient(model.parameters(), terms, val, 0.1, train_grads=[None])
+        SchemeSearch(maps=(0, 1), order=2, dtype=DT).hypergradient(
+            model.parameters(), terms, val, 0.1, train_grads=[None]
+        )
     # a failing closure still leaves the parameters as they were
     saved = [p.detach().clone() for p in model.parameters()]
     calls = {"n": 0}

@@ -1,11 +1,10 @@
 """sop_distill (MCD, second-order context pooling): every available backend against the float64 reference."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-import lskd
 from helpers import (
     DTYPES,
     DTYPES_TRITON,
@@ -35,6 +34,8 @@ from helpers import (
     spatial_mask,
 )
 
+import lskd
+
 DT = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 # (window, stride): global, and windows 3 / 5 with strides 1 / 2 (padding window // 2).
 GEOMETRIES = [(None, 1), (3, 1), (3, 2), (5, 1), (5, 2)]
@@ -60,7 +61,7 @@ def test_groups_window_stride(backend, groups, window, stride):
     sm = spatial_mask("float", n, h, w, F64)
     _, grad = check_against_reference(SOP, backend, s, t, sm, None, "none", groups=groups, window=window, stride=stride)
     k = c // groups
-    assert torch.equal(grad[:, groups * k:], torch.zeros_like(grad[:, groups * k:]))
+    assert torch.equal(grad[:, groups * k :], torch.zeros_like(grad[:, groups * k :]))
 
 
 @pytest.mark.backend_params("sk,ck", MASK_COMBOS, triton=MASK_COMBOS_TRITON)
@@ -115,7 +116,11 @@ def test_edge_shapes(backend, shape, params, dtype):
     check_against_reference(SOP, backend, s, t, None, None, "sum", **params)
 
 
-SOP_VARIANTS = [dict(groups=2, window=5, stride=2), dict(groups=3, window=None, stride=1), dict(groups=1, window=3, stride=1)]
+SOP_VARIANTS = [
+    dict(groups=2, window=5, stride=2),
+    dict(groups=3, window=None, stride=1),
+    dict(groups=1, window=3, stride=1),
+]
 
 
 @pytest.mark.backend_params("dtype", DTYPES, triton=DTYPES_TRITON)
@@ -203,7 +208,11 @@ def test_teacher_and_masks_get_no_gradient(backend):
 
 
 def test_module_matches_function(backend):
-    variants = [dict(groups=2), dict(groups=3, window=None, reduction="none"), dict(groups=1, window=3, stride=1, reduction="sum")]
+    variants = [
+        dict(groups=2),
+        dict(groups=3, window=None, reduction="none"),
+        dict(groups=1, window=3, stride=1, reduction="sum"),
+    ]
     if backend == "triton":
         variants = variants[1:2]
     check_module(SOP, lskd.nn.SOPDistillLoss, backend, small_shape(backend), variants)
@@ -211,7 +220,9 @@ def test_module_matches_function(backend):
 
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last", "strided"))
 @pytest.mark.parametrize("dtype", (torch.float32, F64, torch.bfloat16), ids=dtype_id)
-@pytest.mark.parametrize("geometry", [((5, 5), (2, 2), (2, 2)), ((3, 5), (1, 2), (1, 0))], ids=["5x5s2", "3x5-anisotropic"])
+@pytest.mark.parametrize(
+    "geometry", [((5, 5), (2, 2), (2, 2)), ((3, 5), (1, 2), (1, 0))], ids=["5x5s2", "3x5-anisotropic"]
+)
 def test_raw_op_contract(compiled_backend, layout, dtype, geometry):
     """sop_forward -> (dist [N], pooled_grad [N, G*k, Ho, Wo]) in the acc dtype as the schema defines them
     (any window/stride/padding pairs); sop_backward -> gradient like empty_like(student)."""
@@ -242,7 +253,9 @@ def test_raw_op_contract(compiled_backend, layout, dtype, geometry):
     tol = TOLERANCES[dtype].dist
     assert_rel_close(dist, exp_dist, tol, "dist")
     torch.testing.assert_close(pooled_grad.double(), exp_pg, rtol=tol, atol=tol * exp_pg.abs().max().item())
-    g = ops.sop_backward(torch.ones(n, dtype=acc), s, m, kk, dist, pooled_grad, groups, list(window), list(stride), list(padding))
+    g = ops.sop_backward(
+        torch.ones(n, dtype=acc), s, m, kk, dist, pooled_grad, groups, list(window), list(stride), list(padding)
+    )
     assert g.dtype == dtype and g.shape == s.shape
     if layout != "strided":
         assert g.stride() == torch.empty_like(s).stride(), (g.stride(), s.stride())

@@ -1,5 +1,6 @@
 """Training layer: metrics against hand-computed confusion matrices, batching, weighting,
 checkpoints, one short end-to-end run of every method, the shared step 0, and a 2-process DDP run."""
+
 from __future__ import annotations
 
 import json
@@ -142,8 +143,18 @@ def synth(tmp_path_factory) -> Path:
 
 def _cfg(data: Path, out: Path, method: str, **kw) -> TrainConfig:
     base = dict(
-        dataset="folder", data_root=str(data), task="2-1", method=method, out=str(out), backbone="tiny",
-        epochs=1, batch_size=8, crop=32, workers=0, quiet=True, device="cpu",
+        dataset="folder",
+        data_root=str(data),
+        task="2-1",
+        method=method,
+        out=str(out),
+        backbone="tiny",
+        epochs=1,
+        batch_size=8,
+        crop=32,
+        workers=0,
+        quiet=True,
+        device="cpu",
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -222,9 +233,30 @@ def test_ddp_two_processes_gloo(synth, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lskd"]
     args = [
-        "train", "--dataset", "folder", "--data-root", str(synth), "--task", "2-1", "--method", "mib",
-        "--out", str(tmp_path / "ddp"), "--backbone", "tiny", "--epochs", "1", "--batch-size", "8",
-        "--crop", "32", "--workers", "0", "--device", "cpu", "--quiet",
+        "train",
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(synth),
+        "--task",
+        "2-1",
+        "--method",
+        "mib",
+        "--out",
+        str(tmp_path / "ddp"),
+        "--backbone",
+        "tiny",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--crop",
+        "32",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--quiet",
     ]
     r = subprocess.run(launcher + args, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -233,8 +265,21 @@ def test_ddp_two_processes_gloo(synth, tmp_path):
     assert [set(e) for e in ddp["steps"]] == [set(e) for e in single["steps"]]
     assert [list(e["iou"]) for e in ddp["steps"]] == [list(e["iou"]) for e in single["steps"]]
     r = subprocess.run(
-        launcher + ["eval", "--out", str(tmp_path / "single"), "--device", "cpu", "--report-dir", str(tmp_path / "ev2"), "--quiet"],
-        env=env, capture_output=True, text=True, timeout=300,
+        launcher
+        + [
+            "eval",
+            "--out",
+            str(tmp_path / "single"),
+            "--device",
+            "cpu",
+            "--report-dir",
+            str(tmp_path / "ev2"),
+            "--quiet",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ev2 = json.loads((tmp_path / "ev2" / "summary.json").read_text())
@@ -276,7 +321,9 @@ def test_end_to_end_dynamic_weights_and_search(synth, tmp_path, variant):
     assert not (out / "weights" / "step0.json").exists()
 
 
-@pytest.mark.parametrize("variant", [["--weighting", "rge"], ["--search", "bilevel", "--search-order", "2"]], ids=["rge", "search"])
+@pytest.mark.parametrize(
+    "variant", [["--weighting", "rge"], ["--search", "bilevel", "--search-order", "2"]], ids=["rge", "search"]
+)
 def test_ddp_two_processes_gloo_dynamic(synth, tmp_path, variant):
     """torchrun with 2 CPU ranks: RGE (weight gradients averaged over the ranks) and the search
     (scheme-logit and map-weight gradients averaged, SyncBN-free forwards on the plain module)
@@ -284,9 +331,31 @@ def test_ddp_two_processes_gloo_dynamic(synth, tmp_path, variant):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lskd"]
     args = [
-        "train", "--dataset", "folder", "--data-root", str(synth), "--task", "2-2", "--method", "lskd",
-        "--out", str(tmp_path / "ddp"), "--backbone", "tiny", "--epochs", "2", "--batch-size", "8",
-        "--crop", "32", "--workers", "0", "--device", "cpu", "--quiet", *variant,
+        "train",
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(synth),
+        "--task",
+        "2-2",
+        "--method",
+        "lskd",
+        "--out",
+        str(tmp_path / "ddp"),
+        "--backbone",
+        "tiny",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--crop",
+        "32",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--quiet",
+        *variant,
     ]
     r = subprocess.run(launcher + args, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -1,5 +1,6 @@
 """Bad input: every operator raises TypeError / ValueError (RuntimeError for an
 unavailable backend) whose message names the argument and the shapes, before any kernel runs."""
+
 from __future__ import annotations
 
 import re
@@ -97,14 +98,22 @@ def test_empty(op, shape):
 @OPS
 def test_wrong_mask_shapes(op):
     with pytest.raises(
-        ValueError, match=esc("spatial_mask must have shape [2, 1, 8, 8] for features of shape [2, 3, 8, 8], got [2, 8, 8]")
+        ValueError,
+        match=esc("spatial_mask must have shape [2, 1, 8, 8] for features of shape [2, 3, 8, 8], got [2, 8, 8]"),
     ):
         op(_x(), _x(), torch.ones(N, H, W))
-    with pytest.raises(ValueError, match=esc("spatial_mask must have shape [2, 1, 8, 8] for features of shape [2, 3, 8, 8], got [2, 3, 8, 8]")):
+    with pytest.raises(
+        ValueError,
+        match=esc("spatial_mask must have shape [2, 1, 8, 8] for features of shape [2, 3, 8, 8], got [2, 3, 8, 8]"),
+    ):
         op(_x(), _x(), torch.ones(N, C, H, W))
-    with pytest.raises(ValueError, match=esc("channel_mask must have shape [2, 3] for features of shape [2, 3, 8, 8], got [2, 4]")):
+    with pytest.raises(
+        ValueError, match=esc("channel_mask must have shape [2, 3] for features of shape [2, 3, 8, 8], got [2, 4]")
+    ):
         op(_x(), _x(), None, torch.ones(N, C + 1))
-    with pytest.raises(ValueError, match=esc("channel_mask must have shape [2, 3] for features of shape [2, 3, 8, 8], got [3]")):
+    with pytest.raises(
+        ValueError, match=esc("channel_mask must have shape [2, 3] for features of shape [2, 3, 8, 8], got [3]")
+    ):
         op(_x(), _x(), None, torch.ones(C))
 
 
@@ -184,7 +193,9 @@ def test_reduction(op):
 
 @OPS
 def test_unknown_backend(op):
-    with pytest.raises(ValueError, match=esc("backend must be 'auto' or one of ('reference', 'cpu', 'cuda', 'triton'), got 'foo'")):
+    with pytest.raises(
+        ValueError, match=esc("backend must be 'auto' or one of ('reference', 'cpu', 'cuda', 'triton'), got 'foo'")
+    ):
         op(_x(), _x(), backend="foo")
     with pytest.raises(ValueError, match="got 'CPU'"):
         op(_x(), _x(), backend="CPU")
@@ -194,13 +205,18 @@ def test_unknown_backend(op):
 def test_unavailable_backend(op):
     name = "pod_distill" if op is _pod else "sop_distill"
     with pytest.raises(
-        RuntimeError, match=esc(f"{name}: backend 'cuda' is unavailable: backend 'cuda' needs CUDA tensors, got tensors on cpu")
+        RuntimeError,
+        match=esc(f"{name}: backend 'cuda' is unavailable: backend 'cuda' needs CUDA tensors, got tensors on cpu"),
     ):
         op(_x(), _x(), backend="cuda")
     # meta tensors pass the checks; no compiled backend runs on them
-    with pytest.raises(RuntimeError, match=esc("backend 'cpu' is unavailable: backend 'cpu' needs CPU tensors, got tensors on meta")):
+    with pytest.raises(
+        RuntimeError, match=esc("backend 'cpu' is unavailable: backend 'cpu' needs CPU tensors, got tensors on meta")
+    ):
         op(_x(device="meta"), _x(device="meta"), backend="cpu")
-    with pytest.raises(RuntimeError, match=esc("backend 'triton' is unavailable: backend 'triton' does not support meta tensors")):
+    with pytest.raises(
+        RuntimeError, match=esc("backend 'triton' is unavailable: backend 'triton' does not support meta tensors")
+    ):
         op(_x(device="meta"), _x(device="meta"), backend="triton")
 
 
@@ -230,7 +246,9 @@ def _md(labels=None, old_classes=4, feats=None, **kw):
 def test_md_masks_features():
     with pytest.raises(ValueError, match=esc("feat_bg_erased has shape [2, 3, 8, 9] but feat has shape [2, 3, 8, 8]")):
         _md(feats=(_x(), _x(N, C, H, 9), _x()))
-    with pytest.raises(TypeError, match="feat_new_erased must be float32, float64, bfloat16 or float16, got torch.int64"):
+    with pytest.raises(
+        TypeError, match="feat_new_erased must be float32, float64, bfloat16 or float16, got torch.int64"
+    ):
         _md(feats=(_x(), _x(), torch.ones(N, C, H, W, dtype=torch.long)))
     with pytest.raises(ValueError, match="feat_new_erased is on meta but feat is on cpu"):
         _md(feats=(_x(), _x(), _x(device="meta")))
@@ -263,7 +281,9 @@ def test_md_masks_labels_shape_device_and_old_classes():
 def test_md_masks_backends():
     with pytest.raises(ValueError, match="md_masks: backend must be 'auto' or one of"):
         _md(backend="nope")
-    with pytest.raises(RuntimeError, match="md_masks: backend 'cuda' is unavailable: backend 'cuda' needs CUDA tensors"):
+    with pytest.raises(
+        RuntimeError, match="md_masks: backend 'cuda' is unavailable: backend 'cuda' needs CUDA tensors"
+    ):
         _md(backend="cuda")
 
 

@@ -1,5 +1,6 @@
 """lskd.weighting: fixed weights, RGE (docs/MATHEMATICS.md §4.1, the released rule) and GradNorm against hand
 computations on small problems; positivity and renormalisation; resume; the per-term layers."""
+
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from lskd.models import DeepLabV3
-from lskd.weighting import GradNorm, RGE, FixedWeights, build_weighting, deeplab_layers, term_layer
+from lskd.weighting import RGE, FixedWeights, GradNorm, build_weighting, deeplab_layers, term_layer
 
 NAMES = ["ce", "mcd", "unkd", "pod0", "pod1", "md2", "md3", "md4", "md5"]
 
@@ -18,9 +19,15 @@ def test_released_term_layers():
     stage 4 for term 6 (md3, the stage-4 map), kept in group A (the release's W3 = mod5)."""
     got = {n: term_layer(n) for n in NAMES}
     assert got == {
-        "ce": ("aspp", "A"), "mcd": ("aspp", "A"), "unkd": ("aspp", "A"),
-        "pod0": ("stage1", "B"), "pod1": ("stage2", "B"), "md2": ("stage3", "B"),
-        "md3": ("stage4", "A"), "md4": ("aspp", "A"), "md5": ("aspp", "A"),
+        "ce": ("aspp", "A"),
+        "mcd": ("aspp", "A"),
+        "unkd": ("aspp", "A"),
+        "pod0": ("stage1", "B"),
+        "pod1": ("stage2", "B"),
+        "md2": ("stage3", "B"),
+        "md3": ("stage4", "A"),
+        "md4": ("aspp", "A"),
+        "md5": ("aspp", "A"),
     }
     assert term_layer("mcd0") == ("stage1", "B") and term_layer("pod5") == ("aspp", "A")
     assert term_layer("pod3") == term_layer("mcd3") == ("stage4", "A")
@@ -43,8 +50,10 @@ class Toy:
 
     def __init__(self, seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
-        self.layers = {k: torch.randn(n, generator=g, dtype=torch.float64).requires_grad_(True)
-                       for k, n in [("aspp", 5), ("stage1", 3), ("stage2", 4), ("stage3", 2), ("stage4", 3)]}
+        self.layers = {
+            k: torch.randn(n, generator=g, dtype=torch.float64).requires_grad_(True)
+            for k, n in [("aspp", 5), ("stage1", 3), ("stage2", 4), ("stage3", 2), ("stage4", 3)]
+        }
         self.k = {n: 0.2 + torch.rand((), generator=g, dtype=torch.float64).item() for n in NAMES}
         self.c = {n: torch.randn(self.layers[self.key(n)].shape, generator=g, dtype=torch.float64) for n in NAMES}
 
@@ -73,7 +82,9 @@ def test_rge_update_equals_hand_computed_step():
         rge.w.copy_(w)
     # epoch 0: L(0) follows the current batch, so r = 1
     rge.update(None, toy.terms(shift=0.3))
-    assert torch.equal(rge.loss0, torch.tensor([float(v.detach()) for v in toy.terms(shift=0.3).values()], dtype=torch.float64))
+    assert torch.equal(
+        rge.loss0, torch.tensor([float(v.detach()) for v in toy.terms(shift=0.3).values()], dtype=torch.float64)
+    )
     rge.end_epoch(0)  # renormalises: sum w = 9, and L(0) is frozen from now on
     w = rge.w.detach().double().clone()
     assert float(w.sum()) == pytest.approx(9.0, rel=1e-6)
@@ -179,7 +190,9 @@ def test_total_is_the_weighted_sum():
         rge.w.copy_(torch.arange(1, 10, dtype=torch.float32))
     terms = toy.terms()
     total = rge.total(terms)
-    assert float(total.detach()) == pytest.approx(sum((i + 1) * float(terms[n].detach()) for i, n in enumerate(NAMES)), rel=1e-5)
+    assert float(total.detach()) == pytest.approx(
+        sum((i + 1) * float(terms[n].detach()) for i, n in enumerate(NAMES)), rel=1e-5
+    )
     total.backward()
     assert rge.w.grad is None  # weights never get gradients from the total
     f = FixedWeights({"unkd": 0.5})

@@ -38,8 +38,7 @@ inline int64_t grain_for(int64_t elems) {
 // pf: element offset of the next row, prefetched on the channels-last path
 // (0 = none): strided rows otherwise leave the loads waiting on memory.
 template <typename scalar_t, typename acc>
-inline void load_rows(const scalar_t* p, int64_t sc, int64_t sw, int64_t cb, int64_t W, acc* out,
-                      int64_t pf = 0) {
+inline void load_rows(const scalar_t* p, int64_t sc, int64_t sw, int64_t cb, int64_t W, acc* out, int64_t pf = 0) {
   if (sw == 1) {
     for (int64_t j = 0; j < cb; ++j) {
       const scalar_t* q = p + j * sc;
@@ -64,8 +63,7 @@ inline void load_rows(const scalar_t* p, int64_t sc, int64_t sw, int64_t cb, int
 
 // in[cb][W] in acc -> rows of channels [0, cb) at p; pf as in load_rows.
 template <typename scalar_t, typename acc>
-inline void store_rows(scalar_t* p, int64_t sc, int64_t sw, int64_t cb, int64_t W, const acc* in,
-                       int64_t pf = 0) {
+inline void store_rows(scalar_t* p, int64_t sc, int64_t sw, int64_t cb, int64_t W, const acc* in, int64_t pf = 0) {
   if (sw == 1) {
     for (int64_t j = 0; j < cb; ++j) {
       scalar_t* q = p + j * sc;
@@ -119,7 +117,9 @@ inline acc block_sumsq(const acc* x, int64_t n) {
 }
 
 // Optional tensor argument -> pointer (nullptr when absent).
-inline const at::Tensor* opt_ptr(const c10::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+inline const at::Tensor* opt_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? &*t : nullptr;
+}
 
 }  // namespace cpu
 }  // namespace lskd

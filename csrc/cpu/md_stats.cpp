@@ -26,8 +26,8 @@ using cpu::kChannelBlock;
 using cpu::load_rows;
 
 template <typename scalar_t>
-void md_stats_kernel(const at::Tensor& A, const at::Tensor& B, const at::Tensor& D, double eps_d,
-                     at::Tensor& cos_bg, at::Tensor& cos_new, at::Tensor& part, int64_t rb) {
+void md_stats_kernel(const at::Tensor& A, const at::Tensor& B, const at::Tensor& D, double eps_d, at::Tensor& cos_bg,
+                     at::Tensor& cos_new, at::Tensor& part, int64_t rb) {
   using acc = acc_t<scalar_t>;
   const int64_t N = A.size(0), C = A.size(1), H = A.size(2), W = A.size(3);
   const Strides4 sa = strides4(A), sb = strides4(B), sd = strides4(D);
@@ -115,8 +115,7 @@ void md_stats_kernel(const at::Tensor& A, const at::Tensor& B, const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> md_stats_cpu(const at::Tensor& feat,
                                                                         const at::Tensor& feat_bg_erased,
-                                                                        const at::Tensor& feat_new_erased,
-                                                                        double eps) {
+                                                                        const at::Tensor& feat_new_erased, double eps) {
   check_pair("md_stats", feat, feat_bg_erased, c10::nullopt, c10::nullopt);
   check_pair("md_stats", feat, feat_new_erased, c10::nullopt, c10::nullopt);
   const int64_t N = feat.size(0), C = feat.size(1), H = feat.size(2), W = feat.size(3);

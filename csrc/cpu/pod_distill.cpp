@@ -22,20 +22,18 @@
 namespace lskd {
 namespace {
 
+using cpu::block_sum;
+using cpu::block_sumsq;
 using cpu::grain_for;
 using cpu::kChannelBlock;
 using cpu::load_rows;
+using cpu::opt_ptr;
 using cpu::store_rows;
 using cpu::store_zero_rows;
-using cpu::block_sum;
-using cpu::block_sumsq;
-using cpu::opt_ptr;
-
 
 template <typename scalar_t>
-void pod_forward_kernel(const at::Tensor& a, const at::Tensor& b, const at::Tensor* smask,
-                        const at::Tensor* cmask, const PodLayout& lay, bool square, at::Tensor& emb,
-                        at::Tensor& part) {
+void pod_forward_kernel(const at::Tensor& a, const at::Tensor& b, const at::Tensor* smask, const at::Tensor* cmask,
+                        const PodLayout& lay, bool square, at::Tensor& emb, at::Tensor& part) {
   using acc = acc_t<scalar_t>;
   const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3);
   const Strides4 sa = strides4(a), sb = strides4(b);
@@ -122,9 +120,8 @@ void pod_forward_kernel(const at::Tensor& a, const at::Tensor& b, const at::Tens
 }
 
 template <typename scalar_t>
-void pod_backward_kernel(const at::Tensor& gd, const at::Tensor& a, const at::Tensor* smask,
-                         const at::Tensor* cmask, const at::Tensor& emb, const PodLayout& lay, bool square,
-                         at::Tensor& grad) {
+void pod_backward_kernel(const at::Tensor& gd, const at::Tensor& a, const at::Tensor* smask, const at::Tensor* cmask,
+                         const at::Tensor& emb, const PodLayout& lay, bool square, at::Tensor& grad) {
   using acc = acc_t<scalar_t>;
   const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3);
   const Strides4 sa = strides4(a), sg = strides4(grad);
@@ -159,8 +156,7 @@ void pod_backward_kernel(const at::Tensor& gd, const at::Tensor& a, const at::Te
         for (int i = 0; i < lay.num_scales; ++i)
           if (r < lay.Hs[i]) wext = std::max(wext, lay.Ws[i]);
         const bool pf = r + 1 < maxHs;
-        if (square)
-          load_rows(pa + n * sa.n + c0 * sa.c + r * sa.h, sa.c, sa.w, ncb, W, buf.data(), pf ? sa.h : 0);
+        if (square) load_rows(pa + n * sa.n + c0 * sa.c + r * sa.h, sa.c, sa.w, ncb, W, buf.data(), pf ? sa.h : 0);
         const acc* __restrict mrow = sm ? sm + (n * H + r) * W : nullptr;
         for (int64_t j = 0; j < ncb; ++j) {
           const acc* e = pe + (n * C + c0 + j) * L;
@@ -224,8 +220,8 @@ std::tuple<at::Tensor, at::Tensor> pod_forward_cpu(const at::Tensor& student, co
   at::Tensor dist = at::empty({N}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "lskd_pod_forward_cpu", [&] {
     using acc = acc_t<scalar_t>;
-    pod_forward_kernel<scalar_t>(student, teacher, opt_ptr(spatial_mask), opt_ptr(channel_mask), lay, square,
-                                 emb, part);
+    pod_forward_kernel<scalar_t>(student, teacher, opt_ptr(spatial_mask), opt_ptr(channel_mask), lay, square, emb,
+                                 part);
     const acc* pp = part.data_ptr<acc>();
     acc* pd = dist.data_ptr<acc>();
     for (int64_t n = 0; n < N; ++n) {
@@ -245,14 +241,14 @@ at::Tensor pod_backward_cpu(const at::Tensor& grad_dist, const at::Tensor& stude
   const int64_t N = student.size(0), C = student.size(1);
   const PodLayout lay = make_pod_layout(student.size(2), student.size(3), scales);
   const auto acc_type = acc_scalar_type(student.scalar_type());
-  TORCH_CHECK(grad_dist.numel() == N && dist.numel() == N, "lskd: pod_backward: grad_dist and dist must have ",
-              N, " elements");
+  TORCH_CHECK(grad_dist.numel() == N && dist.numel() == N, "lskd: pod_backward: grad_dist and dist must have ", N,
+              " elements");
   TORCH_CHECK(emb.dim() == 3 && emb.size(0) == N && emb.size(1) == C && emb.size(2) == lay.L,
               "lskd: pod_backward: emb must be [", N, ", ", C, ", ", lay.L, "], got ", emb.sizes());
   TORCH_CHECK(emb.scalar_type() == acc_type, "lskd: pod_backward: emb must be ", acc_type);
-  TORCH_CHECK(grad_dist.device() == student.device() && dist.device() == student.device() &&
-                  emb.device() == student.device(),
-              "lskd: pod_backward: all tensors must be on ", student.device());
+  TORCH_CHECK(
+      grad_dist.device() == student.device() && dist.device() == student.device() && emb.device() == student.device(),
+      "lskd: pod_backward: all tensors must be on ", student.device());
   const at::Tensor e = emb.contiguous();
   // g / d per image, 0 where d == 0 (a NaN d propagates).
   at::Tensor g = grad_dist.reshape({N}).to(acc_type);

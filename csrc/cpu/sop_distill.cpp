@@ -24,19 +24,18 @@
 namespace lskd {
 namespace {
 
+using cpu::block_sum;
 using cpu::grain_for;
 using cpu::kChannelBlock;
 using cpu::load_rows;
+using cpu::opt_ptr;
 using cpu::store_rows;
 using cpu::store_zero_rows;
-using cpu::block_sum;
-using cpu::opt_ptr;
-
 
 template <typename scalar_t>
-void sop_forward_kernel(const at::Tensor& a, const at::Tensor& b, const at::Tensor* smask,
-                        const at::Tensor* cmask, int64_t G, const int64_t win[2], const int64_t str[2],
-                        const int64_t pad[2], int64_t Ho, int64_t Wo, at::Tensor& pooled_grad, at::Tensor& part) {
+void sop_forward_kernel(const at::Tensor& a, const at::Tensor& b, const at::Tensor* smask, const at::Tensor* cmask,
+                        int64_t G, const int64_t win[2], const int64_t str[2], const int64_t pad[2], int64_t Ho,
+                        int64_t Wo, at::Tensor& pooled_grad, at::Tensor& part) {
   using acc = acc_t<scalar_t>;
   const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3);
   const int64_t k = C / G, Gk = G * k, P = Ho * Wo;
@@ -102,12 +101,11 @@ void sop_forward_kernel(const at::Tensor& a, const at::Tensor& b, const at::Tens
               ob[0] = block_sum(cbb, ww);
             } else {
               for (int64_t wo = 0; wo < Wo; ++wo) oa[wo] = ob[wo] = acc(0);
-              for (int64_t t = 0; t < ww; ++t)
-                LSKD_SIMD
-                for (int64_t wo = 0; wo < Wo; ++wo) {
-                  oa[wo] += ca[wo * sw + t];
-                  ob[wo] += cbb[wo * sw + t];
-                }
+              for (int64_t t = 0; t < ww; ++t) LSKD_SIMD
+              for (int64_t wo = 0; wo < Wo; ++wo) {
+                oa[wo] += ca[wo * sw + t];
+                ob[wo] += cbb[wo * sw + t];
+              }
             }
           }
         }
@@ -216,9 +214,8 @@ void sop_backward_kernel(const at::Tensor& gd2, const at::Tensor* smask, const a
             for (int64_t t = 0; t < ww; ++t) rp[t] = cl[0];
           } else {
             std::fill(rp, rp + Wp, acc(0));
-            for (int64_t t = 0; t < ww; ++t)
-              LSKD_SIMD
-              for (int64_t wo = 0; wo < Wo; ++wo) rp[wo * sw + t] += cl[wo];
+            for (int64_t t = 0; t < ww; ++t) LSKD_SIMD
+            for (int64_t wo = 0; wo < Wo; ++wo) rp[wo * sw + t] += cl[wo];
           }
           const acc f = scale * (cm ? cm[n * C + c] : acc(1));
           const acc* __restrict rq = rp + pw;
@@ -265,8 +262,8 @@ std::tuple<at::Tensor, at::Tensor> sop_forward_cpu(const at::Tensor& student, co
   at::Tensor dist = at::empty({N}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "lskd_sop_forward_cpu", [&] {
     using acc = acc_t<scalar_t>;
-    sop_forward_kernel<scalar_t>(student, teacher, opt_ptr(spatial_mask), opt_ptr(channel_mask), groups, pl.win,
-                                 pl.str, pl.pad, hw.first, hw.second, pooled_grad, part);
+    sop_forward_kernel<scalar_t>(student, teacher, opt_ptr(spatial_mask), opt_ptr(channel_mask), groups, pl.win, pl.str,
+                                 pl.pad, hw.first, hw.second, pooled_grad, part);
     const acc* pp = part.data_ptr<acc>();
     acc* pd = dist.data_ptr<acc>();
     for (int64_t n = 0; n < N; ++n) {
@@ -288,8 +285,8 @@ at::Tensor sop_backward_cpu(const at::Tensor& grad_dist, const at::Tensor& stude
   const Pool pl = make_pool(window, stride, padding);
   const int64_t N = student.size(0), C = student.size(1), k = C / groups;
   const auto acc_type = acc_scalar_type(student.scalar_type());
-  TORCH_CHECK(grad_dist.numel() == N && dist.numel() == N, "lskd: sop_backward: grad_dist and dist must have ",
-              N, " elements");
+  TORCH_CHECK(grad_dist.numel() == N && dist.numel() == N, "lskd: sop_backward: grad_dist and dist must have ", N,
+              " elements");
   TORCH_CHECK(pooled_grad.dim() == 4 && pooled_grad.size(0) == N && pooled_grad.size(1) == groups * k &&
                   pooled_grad.size(2) == hw.first && pooled_grad.size(3) == hw.second,
               "lskd: sop_backward: pooled_grad must be [", N, ", ", groups * k, ", ", hw.first, ", ", hw.second,
@@ -305,8 +302,8 @@ at::Tensor sop_backward_cpu(const at::Tensor& grad_dist, const at::Tensor& stude
   at::Tensor gd2 = at::where(d == 0, at::zeros_like(g), g / (2 * d)).contiguous();
   at::Tensor grad = at::empty_like(student);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "lskd_sop_backward_cpu", [&] {
-    sop_backward_kernel<scalar_t>(gd2, opt_ptr(spatial_mask), opt_ptr(channel_mask), pg, groups, pl.win, pl.str,
-                                  pl.pad, hw.first, hw.second, grad);
+    sop_backward_kernel<scalar_t>(gd2, opt_ptr(spatial_mask), opt_ptr(channel_mask), pg, groups, pl.win, pl.str, pl.pad,
+                                  hw.first, hw.second, grad);
   });
   return grad;
 }

@@ -3,6 +3,7 @@
 Samples: images ``[3, H, W]`` float32 normalised with the ImageNet mean/std, labels ``[H, W]``
 int64 with class ids 0..K-1 (0 = background) and 255 = ignore.
 """
+
 from .datasets import (
     ADE20K_CLASSES,
     VOC_CLASSES,

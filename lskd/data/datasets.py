@@ -15,6 +15,7 @@ before training, through the same cache.
 
 Text files (classes.txt, the split lists) must be UTF-8; a leading BOM is ignored.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -22,7 +23,6 @@ import hashlib
 import json
 import os
 import re
-
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Set, Tuple, Union
 
@@ -187,7 +187,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, images={len(self)}, classes={self.num_classes})"
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, images={len(self)}, "
+            f"classes={self.num_classes})"
+        )
 
     # -- reading ------------------------------------------------------------------------------
     def load_image(self, i: int) -> Image.Image:
@@ -263,7 +266,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         the (image, label) file list, and each label file's size and mtime (``st_mtime_ns``), so
         that a label rewritten in place changes it. One ``stat`` per label, no file is read."""
         h = hashlib.sha1()
-        h.update(json.dumps([type(self).__name__, str(Path(self.root).resolve()), self.split, self.class_names]).encode())
+        h.update(
+            json.dumps([type(self).__name__, str(Path(self.root).resolve()), self.split, self.class_names]).encode()
+        )
         for img, lbl in self.samples:
             h.update(b"\0".join((os.fsencode(img), os.fsencode(lbl), _stat_key(lbl))) + b"\n")
         return h.hexdigest()
@@ -302,9 +307,7 @@ class SegmentationFolder(SegmentationDataset):
         if class_names is None:
             txt = self.root / "classes.txt"
             if not txt.is_file():
-                raise FileNotFoundError(
-                    f"{self.root}: no classes.txt and no class names given\n{self.layout}"
-                )
+                raise FileNotFoundError(f"{self.root}: no classes.txt and no class names given\n{self.layout}")
             class_names = _read_classes_txt(txt)
             where = str(txt)
         else:
@@ -317,9 +320,7 @@ class SegmentationFolder(SegmentationDataset):
         path = sets / f"{self.split}.txt"
         if not path.is_file():
             have = sorted(p.stem for p in sets.glob("*.txt")) if sets.is_dir() else []
-            raise FileNotFoundError(
-                f"split list {path} not found (available splits: {have or 'none'})\n{self.layout}"
-            )
+            raise FileNotFoundError(f"split list {path} not found (available splits: {have or 'none'})\n{self.layout}")
         return path
 
     def _find_samples(self, list_file: Path) -> List[Tuple[str, str]]:
@@ -440,7 +441,9 @@ def load_dataset(root: PathLike, split: str, kind: str = "auto") -> Segmentation
     kind = kind.lower()
     if kind == "auto":
         if not root.is_dir():
-            raise FileNotFoundError(f"dataset root {root} does not exist or is not a folder\n{VOC_LAYOUT}\nor\n{ADE_LAYOUT}")
+            raise FileNotFoundError(
+                f"dataset root {root} does not exist or is not a folder\n{VOC_LAYOUT}\nor\n{ADE_LAYOUT}"
+            )
         if (root / "images").is_dir() and (root / "annotations").is_dir() or (root / "ADEChallengeData2016").is_dir():
             kind = "ade20k"
         elif (root / "classes.txt").is_file():
@@ -500,7 +503,11 @@ def image_classes(
     if cache_dir is not None:
         path = Path(cache_dir) / f"{prefix}.classes.json"
         cached = _read_json(path)
-        if isinstance(cached, dict) and cached.get("fingerprint") == fp and len(cached.get("classes", ())) == len(dataset):
+        if (
+            isinstance(cached, dict)
+            and cached.get("fingerprint") == fp
+            and len(cached.get("classes", ())) == len(dataset)
+        ):
             return [set(c) for c in cached["classes"]]
     n_workers = min(8, os.cpu_count() or 1) if workers is None else max(1, int(workers))
     if n_workers > 1 and (workers is not None or len(dataset) > 64):

@@ -38,6 +38,7 @@ Layout written (readable by :class:`lskd.data.SegmentationFolder`)::
     OUT/classes.txt                       background + K names
     OUT/synthetic.json                    generator parameters and the class table
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -57,7 +58,16 @@ from PIL import Image
 #: version is rebuilt by ``lskd demo`` instead of reused.
 GENERATOR_VERSION = 2
 
-__all__ = ["GENERATOR_VERSION", "SHAPES", "TEXTURES", "ClassSpec", "class_specs", "render_image", "make_synthetic", "voc_palette"]
+__all__ = [
+    "GENERATOR_VERSION",
+    "SHAPES",
+    "TEXTURES",
+    "ClassSpec",
+    "class_specs",
+    "render_image",
+    "make_synthetic",
+    "voc_palette",
+]
 
 SHAPES: Tuple[str, ...] = (
     "disc", "square", "triangle", "ring", "cross", "bar",
@@ -178,7 +188,9 @@ def _texture(kind: str, u, v, freq: float, angle: float, phase: float, rng) -> n
     if kind == "rings":
         return 0.5 + 0.5 * np.sin(two_pi * freq * np.sqrt(u * u + v * v) + phase)
     if kind == "grid":
-        return ((np.abs(np.sin(math.pi * freq * u + phase)) < 0.35) | (np.abs(np.sin(math.pi * freq * v)) < 0.35)).astype(np.float32)
+        return (
+            (np.abs(np.sin(math.pi * freq * u + phase)) < 0.35) | (np.abs(np.sin(math.pi * freq * v)) < 0.35)
+        ).astype(np.float32)
     if kind == "waves":
         return 0.5 + 0.5 * np.sin(two_pi * freq * u + 1.8 * np.sin(math.pi * freq * v) + phase)
     if kind == "gradient":
@@ -353,7 +365,9 @@ def make_synthetic(
         if not out.is_dir():
             raise FileExistsError(f"{out} exists and is not a folder")
         if any(out.iterdir()) and not (out / "synthetic.json").is_file():
-            raise FileExistsError(f"{out} exists, is not empty and is not a synthetic dataset; refusing to overwrite it")
+            raise FileExistsError(
+                f"{out} exists, is not empty and is not a synthetic dataset; refusing to overwrite it"
+            )
 
     specs = class_specs(classes, seed)
     out.parent.mkdir(parents=True, exist_ok=True)

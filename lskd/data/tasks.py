@@ -20,6 +20,7 @@ Task strings
             ``B + N`` must cover all classes.
 ``"offline"`` (alias ``"joint"``)  one step with every class (joint training, the upper bound).
 """
+
 from __future__ import annotations
 
 import re
@@ -61,9 +62,7 @@ class Task:
                 raise ValueError(f"task {self.name!r}: step {t} has no class")
             for c in classes:
                 if not 0 <= c < self.num_classes:
-                    raise ValueError(
-                        f"task {self.name!r}: class {c} at step {t} is outside 0..{self.num_classes - 1}"
-                    )
+                    raise ValueError(f"task {self.name!r}: class {c} at step {t} is outside 0..{self.num_classes - 1}")
                 if c in seen:
                     raise ValueError(f"task {self.name!r}: class {c} appears at steps {seen[c]} and {t}")
                 seen[c] = t
@@ -138,8 +137,7 @@ def parse_task(task: str, num_classes: int, first_class: int = 1) -> Task:
         raise ValueError(f"task must be a string like '15-1' or 'offline', got {task!r}")
     if int(num_classes) != num_classes or num_classes < first_class + 1 or first_class < 1:
         raise ValueError(
-            f"task {task!r}: need at least one object class, got num_classes={num_classes}, "
-            f"first_class={first_class}"
+            f"task {task!r}: need at least one object class, got num_classes={num_classes}, first_class={first_class}"
         )
     name = task.strip()
     objects = list(range(first_class, num_classes))
@@ -149,9 +147,7 @@ def parse_task(task: str, num_classes: int, first_class: int = 1) -> Task:
         return Task(name=name, steps=[[0] + objects], num_classes=num_classes)
     m = _BI.match(name.replace(" ", ""))
     if m is None:
-        raise ValueError(
-            f"invalid {where}: expected 'B-I' (e.g. '15-1', '100-10'), 'B-Ns' (e.g. '15-5s') or 'offline'"
-        )
+        raise ValueError(f"invalid {where}: expected 'B-I' (e.g. '15-1', '100-10'), 'B-Ns' (e.g. '15-5s') or 'offline'")
     base, inc, single = int(m.group(1)), int(m.group(2)), bool(m.group(3))
     if base < 1:
         raise ValueError(f"invalid {where}: the base step needs at least one class (B >= 1)")
@@ -171,9 +167,7 @@ def parse_task(task: str, num_classes: int, first_class: int = 1) -> Task:
             )
         inc = 1
     if rest % inc != 0:
-        raise ValueError(
-            f"invalid {where}: the {rest} classes after the base step are not a multiple of I={inc}"
-        )
+        raise ValueError(f"invalid {where}: the {rest} classes after the base step are not a multiple of I={inc}")
     steps = [[0] + objects[:base]]
     steps += [objects[i : i + inc] for i in range(base, n, inc)]
     return Task(name=name, steps=steps, num_classes=num_classes)

@@ -10,6 +10,7 @@ is reproducible with ``torch.manual_seed`` in the main process and, in DataLoade
 that torch derives from the DataLoader's ``generator`` (``base_seed + worker_id``): a DataLoader
 with a seeded generator gives the same crops run after run, for any ``num_workers``.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,9 @@ IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
-def to_tensor(image: Image.Image, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+def to_tensor(
+    image: Image.Image, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
     """PIL RGB image [H, W] -> float32 [3, H, W], ``(x / 255 - mean) / std``."""
     arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
     t = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
@@ -52,7 +55,9 @@ def label_to_tensor(label: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(label, dtype=np.uint8).copy()).to(torch.int64)
 
 
-def denormalize(image: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+def denormalize(
+    image: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> np.ndarray:
     """Normalised float [3, H, W] -> np.uint8 [H, W, 3] (for visualisation)."""
     m = torch.tensor(mean).view(3, 1, 1)
     s = torch.tensor(std).view(3, 1, 1)
@@ -186,7 +191,9 @@ class EvalTransform:
     Call: ``(PIL RGB [H, W], np.uint8 [H, W]) -> (float32 [3, h, w], int64 [h, w])``.
     """
 
-    def __init__(self, size: Optional[int] = None, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+    def __init__(
+        self, size: Optional[int] = None, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    ) -> None:
         if size is not None and (int(size) != size or size < 1):
             raise ValueError(f"size must be a positive int or None, got {size}")
         self.size = None if size is None else int(size)

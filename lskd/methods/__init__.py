@@ -3,6 +3,7 @@
 Each :class:`Method` returns named, unweighted loss terms (each times its base factor);
 the trainer sums them with weights. ``build_method(name, **kwargs)`` makes one by name.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Type
@@ -18,7 +19,17 @@ from .base import (
 )
 from .finetune import Finetune
 from .joint import Joint
-from .lskd import LSKD, MAP_NAMES, RELEASED_MAP_FACTORS, SEARCH, RELEASED_SCHEMES, SCHEMES, erase_images, split_output, teacher_triplet
+from .lskd import (
+    LSKD,
+    MAP_NAMES,
+    RELEASED_MAP_FACTORS,
+    RELEASED_SCHEMES,
+    SCHEMES,
+    SEARCH,
+    erase_images,
+    split_output,
+    teacher_triplet,
+)
 from .mib import MiB, unbiased_cross_entropy, unbiased_kd
 from .plop import PLOP, EntropyPseudoLabeler, histogram_median, normalized_entropy, pseudo_label
 

@@ -19,6 +19,7 @@ resolution; classification terms upsample the logits bilinearly
 (``align_corners=False``) to the label resolution, as MiB/PLOP do on full-size outputs.
 At step 0 (or without a teacher) every method returns ``{"ce": CE}``.
 """
+
 from __future__ import annotations
 
 import contextlib

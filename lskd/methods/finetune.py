@@ -1,4 +1,5 @@
 """Fine-tuning: cross-entropy on the step's labels only (the lower bound of CISS)."""
+
 from __future__ import annotations
 
 from .base import IGNORE_INDEX, Method
@@ -16,4 +17,3 @@ class Finetune(Method):
 
     def __init__(self, ignore_index: int = IGNORE_INDEX) -> None:
         self.ignore_index = ignore_index
-

@@ -3,6 +3,7 @@
 The task is the "offline" one (one step with every class, labels untouched), so the
 loss is the plain cross-entropy of :class:`~lskd.methods.finetune.Finetune`.
 """
+
 from __future__ import annotations
 
 from .finetune import Finetune

@@ -44,6 +44,7 @@ the Cb/Dn outputs on in ``ctx.teacher_erased``. The teacher computes on the same
 as one 3N batch would, but in two launches (its peak activation memory is that of 2N
 images); the release runs four N passes, A twice (``train.py`` 253 and 334-338).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -382,7 +383,13 @@ class LSKD(PseudoLabelStatistics, Method):
         if scheme == "md+mcd":
             groups = min(self.mcd_groups, student_map.shape[1])
             sop = ops.SopTerm(
-                student_map, teacher_map, spatial, channel, groups=groups, window=self.mcd_window, stride=self.mcd_stride
+                student_map,
+                teacher_map,
+                spatial,
+                channel,
+                groups=groups,
+                window=self.mcd_window,
+                stride=self.mcd_stride,
             )
             out.append((self.mcd_name(map_index), self.mcd_factor, sop))
         return out

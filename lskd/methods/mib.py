@@ -7,6 +7,7 @@ teacher's background may be a new class (UNKD merges background and new classes)
 ignored ones counting as 0, as the released code does (``mean_over="valid"``: over the
 non-ignored pixels).
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional

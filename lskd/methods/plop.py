@@ -36,6 +36,7 @@ PLOP's factors: 0.01 for maps 0-4, 0.0005 for the logits map, times
 ``sqrt(|C^{0:t}| / |C^t|)`` (PLOP's "pod schedule") and divided by the number of maps (6),
 as in PLOP's ``features_distillation``. Each map is its own named term ``pod{l}``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,8 +53,8 @@ from .base import (
     IGNORE_INDEX,
     Method,
     StepContext,
-    distilled_maps,
     cross_entropy,
+    distilled_maps,
     pod_scales,
     to_acc,
     upsample_logits,

@@ -4,9 +4,10 @@
 :class:`SegOutput` (``logits``, the six distilled ``maps``); ``load_pretrained`` loads
 torchvision-format ImageNet weights from a local file; ``convert_sync_batchnorm`` for DDP.
 """
+
 from .deeplab import ASPP, DeepLabV3, SegOutput
-from .sync_bn import DistBatchNorm2d, convert_sync_batchnorm
 from .resnet import BACKBONES, BasicBlock, Bottleneck, ResNet, build_resnet, load_pretrained
+from .sync_bn import DistBatchNorm2d, convert_sync_batchnorm
 
 __all__ = [
     "ASPP",

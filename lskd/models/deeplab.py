@@ -14,6 +14,7 @@ concatenated, not added as in MiB's head); plain ``BatchNorm2d`` everywhere (so 
 training mode a device batch of 1 fails in the pooling branch, as in torchvision: use
 >= 2 images per device or SyncBatchNorm across devices).
 """
+
 from __future__ import annotations
 
 import math
@@ -184,4 +185,3 @@ class DeepLabV3(nn.Module):
         pre_logits = self.aspp(feat)
         logits = torch.cat([c(pre_logits) for c in self.classifiers], dim=1)
         return SegOutput(logits=logits, maps=[*stages, pre_logits, logits])
-

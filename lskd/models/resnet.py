@@ -16,6 +16,7 @@ Backbones: ``resnet18`` (BasicBlock [2, 2, 2, 2]), ``resnet50`` (Bottleneck [3, 
 ``resnet101`` (Bottleneck [3, 4, 23, 3]) and ``tiny`` (BasicBlock [1, 1, 1, 1], widths
 16/32/64/128, stem 16 channels; a CPU demo model, not meant for ImageNet weights).
 """
+
 from __future__ import annotations
 
 import os
@@ -230,7 +231,7 @@ def _read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
         raise ValueError(f"load_pretrained: {path} does not hold a state dict (a dict of tensors)")
     out = {}
     for k, v in obj.items():
-        out[k[len("module."):] if k.startswith("module.") else k] = v
+        out[k[len("module.") :] if k.startswith("module.") else k] = v
     return out
 
 

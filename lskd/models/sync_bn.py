@@ -16,6 +16,7 @@ differentiable (their backward all-reduces the gradients), so the gradient of th
 ranks' losses is exact. Low-precision inputs are normalised in float32. Outside training, or
 without an initialised process group of more than one rank, it is ``nn.BatchNorm2d``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -63,7 +64,9 @@ class DistBatchNorm2d(nn.BatchNorm2d):
         packed = _all_reduce(torch.cat([xf.sum(dim=(0, 2, 3)), count]))
         total = packed[c]
         if float(total.detach()) < 2:
-            raise ValueError(f"DistBatchNorm2d: expected more than 1 value per channel over all ranks, got {int(total)}")
+            raise ValueError(
+                f"DistBatchNorm2d: expected more than 1 value per channel over all ranks, got {int(total)}"
+            )
         mean = packed[:c] / total
         centred = xf - mean[None, :, None, None]
         var = _all_reduce((centred * centred).sum(dim=(0, 2, 3))) / total
@@ -102,6 +105,10 @@ def _to_dist(bn: nn.BatchNorm2d) -> DistBatchNorm2d:
     if bn.affine:
         out.weight, out.bias = bn.weight, bn.bias
     if bn.track_running_stats:
-        out.running_mean, out.running_var, out.num_batches_tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
+        out.running_mean, out.running_var, out.num_batches_tracked = (
+            bn.running_mean,
+            bn.running_var,
+            bn.num_batches_tracked,
+        )
     out.train(bn.training)
     return out

@@ -4,6 +4,7 @@
 (several of those terms in one fused call) and ``md_masks``,
 each with ``backend="auto" | "reference" | "cpu" | "cuda" | "triton"``.
 """
+
 from ._backends import BACKENDS, available_backends
 from .distill_terms import PodTerm, SopTerm, Term, distill_terms
 from .md_masks import batched_quantile, md_masks, md_statistics

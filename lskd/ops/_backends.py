@@ -8,6 +8,7 @@ Backends:
                when TRITON_INTERPRET=1 was set before lskd was imported
   "auto"       the fastest available one for the op and the tensors' device
 """
+
 from __future__ import annotations
 
 import importlib

@@ -16,9 +16,10 @@ of the other terms.
 
 The "reference" and "triton" backends run the terms one by one (same results).
 """
+
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
 

@@ -12,6 +12,7 @@ csrc/md_masks.cpp (the same ATen calls as the Python code below), on CUDA
 csrc/cuda/md_masks.cu (radix select instead of sorts, 2 launches, the same
 arithmetic); the same masks bit for bit from the same statistics.
 """
+
 from __future__ import annotations
 
 from typing import Tuple

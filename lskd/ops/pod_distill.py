@@ -9,6 +9,7 @@ the *_backward op). The C++ ops have C++ autograd kernels (csrc/autograd.cpp),
 and the "cpu"/"cuda" backends call lskd::pod_distill, which also reduces over
 the batch (one op and one autograd node per call).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence

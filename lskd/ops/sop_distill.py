@@ -8,6 +8,7 @@ ops. The C++ ops have C++ autograd kernels (csrc/autograd.cpp), and the
 "cpu"/"cuda" backends call lskd::sop_distill, which also reduces over the
 batch (one op and one autograd node per call).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -61,7 +62,9 @@ def _register(ns: str) -> None:
         student, spatial_mask, channel_mask, dist, pooled_grad = ctx.saved_tensors
         grad = None
         if ctx.needs_input_grad[0] and grad_dist is not None:
-            grad = backward_op(grad_dist.contiguous(), student, spatial_mask, channel_mask, dist, pooled_grad, *ctx.geometry)
+            grad = backward_op(
+                grad_dist.contiguous(), student, spatial_mask, channel_mask, dist, pooled_grad, *ctx.geometry
+            )
         return grad, None, None, None, None, None, None, None
 
     torch.library.register_autograd(forward, backward, setup_context=setup_context)

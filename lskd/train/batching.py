@@ -5,6 +5,7 @@ RNG (torch's, in the main process or the DataLoader workers) is reseeded from (s
 epoch, rank) at the start of every epoch. A run resumed from an epoch checkpoint therefore
 replays exactly the remaining epochs.
 """
+
 from __future__ import annotations
 
 import math

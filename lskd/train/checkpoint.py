@@ -26,6 +26,7 @@ names, task (name and class lists), overlap/disjoint, method, backbone, output s
 ``init_from`` only needs the step-0 part (dataset, classes, task steps, backbone), because step 0
 is the same for every incremental method.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -99,7 +100,9 @@ def _corrupt_message(path: Path, expected: str, found: str) -> str:
 def _unwrap(wrapper: Dict[str, Any], path: Path, map_location: Union[str, torch.device]) -> Any:
     """The checkpoint inside a file written by :func:`atomic_save`, after checking its SHA-256."""
     if wrapper.get("version") != VERSION:
-        raise ValueError(f"checkpoint {path} has unknown format version {wrapper.get('version')!r} (expected {VERSION})")
+        raise ValueError(
+            f"checkpoint {path} has unknown format version {wrapper.get('version')!r} (expected {VERSION})"
+        )
     payload, expected = wrapper.get("payload"), wrapper.get("sha256")
     if not isinstance(payload, bytes) or not isinstance(expected, str):
         raise CheckpointCorrupt(f"checkpoint {path} is corrupt: no payload or SHA-256; delete it or restore it")

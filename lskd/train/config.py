@@ -7,6 +7,7 @@ directory with any of them changed is refused with the list of differences
 (:func:`settings_differences`). The settings in :data:`FREE_SETTINGS` only say where and how a
 process runs and may change between invocations.
 """
+
 from __future__ import annotations
 
 import math
@@ -126,11 +127,15 @@ class TrainConfig:
         if self.weighting not in WEIGHTINGS:
             raise RunError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         if self.weighting != "fixed" and self.term_weights:
-            raise RunError(f"--term-weights sets fixed weights; it cannot be combined with --weighting {self.weighting}")
+            raise RunError(
+                f"--term-weights sets fixed weights; it cannot be combined with --weighting {self.weighting}"
+            )
         if self.bn not in BN_MODES:
             raise RunError(f"--bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
         if self.pseudo_threshold not in PSEUDO_THRESHOLDS:
-            raise RunError(f"--pseudo-threshold must be one of {', '.join(PSEUDO_THRESHOLDS)}, got {self.pseudo_threshold!r}")
+            raise RunError(
+                f"--pseudo-threshold must be one of {', '.join(PSEUDO_THRESHOLDS)}, got {self.pseudo_threshold!r}"
+            )
         if self.search not in ("none", "bilevel"):
             raise RunError(f"--search must be 'none' or 'bilevel', got {self.search!r}")
         if self.search == "bilevel":
@@ -161,9 +166,14 @@ class TrainConfig:
 
     def _check_search(self) -> None:
         if self.method.lower() != "lskd":
-            raise RunError(f"--search bilevel searches LSKD's per-map schemes; it needs --method lskd, not {self.method!r}")
+            raise RunError(
+                f"--search bilevel searches LSKD's per-map schemes; it needs --method lskd, not {self.method!r}"
+            )
         if self.weighting != "fixed" or self.term_weights:
-            raise RunError("--search bilevel learns the per-map weights itself; use it with --weighting fixed and no --term-weights")
+            raise RunError(
+                "--search bilevel learns the per-map weights itself; "
+                "use it with --weighting fixed and no --term-weights"
+            )
         if int(self.search_epochs) < 1:
             raise RunError(f"--search-epochs must be >= 1, got {self.search_epochs}")
         if not 0.0 < float(self.search_split) < 1.0:

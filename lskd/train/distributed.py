@@ -17,6 +17,7 @@ Conventions of the trainer under DDP:
   (up to floating-point order; the ranks' augmentation draws differ from one process's);
 * only rank 0 writes files and prints; the confusion matrices are summed over the ranks.
 """
+
 from __future__ import annotations
 
 import os

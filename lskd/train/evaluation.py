@@ -4,6 +4,7 @@ After every step the trainer evaluates on the whole validation set with ``eval_l
 (classes not yet learnt -> 255): logits upsampled bilinearly to the labels, argmax, confusion
 matrix summed over the ranks, old/new/all mIoU (:mod:`lskd.train.metrics`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -91,7 +92,9 @@ def evaluate_run(
     run_dir = RunDir(out)
     saved = run_dir.read_config()
     if saved is None:
-        raise RunError(f"{run_dir.root} holds no run (no config.json); train one with `lskd train --out {run_dir.root}`")
+        raise RunError(
+            f"{run_dir.root} holds no run (no config.json); train one with `lskd train --out {run_dir.root}`"
+        )
     d = dict(saved["config"])
     d.update(out=str(run_dir.root), resume=False, init_from=None, step=None, device=device, quiet=quiet)
     if data_root:

@@ -4,6 +4,7 @@
 weightings (RGE, GradNorm) take their per-term gradients while the graph is alive; the search
 phase runs its upper-level update after the backward pass (:mod:`lskd.train.phases`).
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -14,6 +14,7 @@ up to ``t``. All three are in percent in the reports.
 Under torch.distributed the per-rank confusion matrices are summed (:func:`reduce_confusion`)
 before any ratio is taken, so the metrics are those of the whole evaluation set.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,7 +34,9 @@ __all__ = [
 ]
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+def confusion_matrix(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255
+) -> torch.Tensor:
     """``cm[K, K]`` int64 of one batch: ``cm[g, p]`` = #pixels of ground truth g predicted p.
 
     Args:

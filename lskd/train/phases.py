@@ -13,6 +13,7 @@ first ``--search-epochs`` of the step: the lower level trains on the images not 
 upper-level update of the scheme logits and map weights follows every lower-level backward, then
 the argmax schemes and the learnt map weights are fixed for the rest of the step.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -155,8 +156,12 @@ class SearchPhase(TrainingPhase):
             train_grads = [None if p.grad is None else p.grad * inv for p in params]
         search = self.weighting.search
         diag = search.hypergradient(
-            params, terms_fn, upper_loss, xi=lr,
-            train_grads=train_grads, buffers_of=student,
+            params,
+            terms_fn,
+            upper_loss,
+            xi=lr,
+            train_grads=train_grads,
+            buffers_of=student,
         )
         search.step()
         self.weighting.record(diag)
@@ -172,8 +177,7 @@ class SearchPhase(TrainingPhase):
         self.weighting.begin_step(self.method.term_names(self.ctx), self.ctx)
         w = self.weighting.search.weights()
         self.log(
-            "search done; schemes "
-            + ", ".join(f"{MAP_NAMES[m]} {chosen[m]} (w {w[m]:.2f})" for m in sorted(chosen))
+            "search done; schemes " + ", ".join(f"{MAP_NAMES[m]} {chosen[m]} (w {w[m]:.2f})" for m in sorted(chosen))
         )
 
 

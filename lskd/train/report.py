@@ -24,6 +24,7 @@ of the scheme probabilities) over the updates; ``weights.png`` plots it.
 
 Everything is written atomically (temporary file + ``os.replace``).
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,7 +32,6 @@ import io
 import json
 import math
 import os
-
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 

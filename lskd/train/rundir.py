@@ -14,6 +14,7 @@
 Every path is relative to the directory itself: a run directory may be moved or copied, and
 ``lskd eval --out DIR`` reads DIR's own checkpoints, whatever ``out`` config.json recorded.
 """
+
 from __future__ import annotations
 
 import json

@@ -13,6 +13,7 @@
 * after every epoch ``step{t}-last.pt`` (model, optimiser, scaler, weighting, the step's history,
   RNG states); after the step the evaluation on the whole validation set and ``step{t}.pt``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -135,7 +136,10 @@ class StepTrainer:
             return TrainingPhase(build_weighting(cfg.weighting, cfg.term_weights), run.method, self.ctx, log)
         search = SchemeSearch(order=cfg.search_order, lr=cfg.search_lr).to(self.device)
         return SearchPhase(
-            search, run.method, self.ctx, log,
+            search,
+            run.method,
+            self.ctx,
+            log,
             split=run.search_split(len(self.subset), self.t),
             search_epochs=min(int(cfg.search_epochs), self.epochs),
             make_loader=lambda batches, seed: run.loader(self.subset, batches, seed),
@@ -174,7 +178,9 @@ class StepTrainer:
             return 0
         last, run = self.last_path, self.run
         state = load_checkpoint(last, map_location="cpu")
-        check_identity(state["identity"], run.identity, list(run.identity), last, f"(use another --out than {run.run_dir.root})")
+        check_identity(
+            state["identity"], run.identity, list(run.identity), last, f"(use another --out than {run.run_dir.root})"
+        )
         if state.get("classes_per_step") != self.student.classes_per_step:
             raise RunError(f"{last}: model classes {state.get('classes_per_step')} do not match step {self.t}")
         self.student.load_state_dict(state["model"])

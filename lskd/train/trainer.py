@@ -15,6 +15,7 @@ A run trains the steps ``t = 0..T`` of a task in order (or one step alone) into 
 Joint training (``method="joint"``) trains the "offline" task (one step with every class) and
 reports it as the last step of ``task``, with the task's old/new split.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,8 @@ from ..data import (
     IncrementalSubset,
     Task,
     TrainTransform,
-    eval_lut,
     check_labels,
+    eval_lut,
     load_dataset,
     parse_task,
     step_indices,
@@ -134,7 +135,9 @@ class Trainer:
     def _check_batch(self) -> None:
         world = self.dctx.world_size
         if self.cfg.batch_size % world != 0:
-            raise RunError(f"--batch-size {self.cfg.batch_size} (the global batch) is not divisible by the {world} ranks")
+            raise RunError(
+                f"--batch-size {self.cfg.batch_size} (the global batch) is not divisible by the {world} ranks"
+            )
         self.per_rank_batch = self.cfg.batch_size // world
         if self.per_rank_batch < 2:
             raise RunError(
@@ -163,7 +166,9 @@ class Trainer:
         return self.task.num_steps - 1 if self.joint else t
 
     def context(self, t: int) -> StepContext:
-        return StepContext(step=t, old_classes=self.train_task.old_classes(t), new_classes=len(self.train_task.steps[t]))
+        return StepContext(
+            step=t, old_classes=self.train_task.old_classes(t), new_classes=len(self.train_task.steps[t])
+        )
 
     def epochs_of(self, t: int) -> int:
         return self.cfg.epochs_step0 if t == 0 else self.cfg.epochs_later
@@ -210,10 +215,21 @@ class Trainer:
     def check_checkpoint(self, ckpt: dict, path: Path, t: int, init: bool = False) -> None:
         """Raise unless ``ckpt`` holds step ``t`` of this run (``init``: of a run that may start this one)."""
         if not init:
-            check_identity(ckpt["identity"], self.identity, list(self.identity), path, f"(use another --out than {self.run_dir.root})")
+            check_identity(
+                ckpt["identity"],
+                self.identity,
+                list(self.identity),
+                path,
+                f"(use another --out than {self.run_dir.root})",
+            )
         else:
-            check_identity(ckpt["identity"], self.identity, INIT_IDENTITY, path,
-                           "(--init-from needs a checkpoint of the same dataset, classes, protocol and model)")
+            check_identity(
+                ckpt["identity"],
+                self.identity,
+                INIT_IDENTITY,
+                path,
+                "(--init-from needs a checkpoint of the same dataset, classes, protocol and model)",
+            )
             saved_steps = ckpt["identity"].get("train_steps", [])[: t + 1]
             if saved_steps != self.train_task.steps[: t + 1]:
                 raise RunError(
@@ -249,11 +265,18 @@ class Trainer:
         cfg, run_dir = self.cfg, self.run_dir
         n = self.train_task.num_steps
         if cfg.step is not None and not 0 <= cfg.step < n:
-            raise RunError(f"--step {cfg.step}: method {self.method_name!r} on task {self.task.name!r} has steps 0..{n - 1}")
+            raise RunError(
+                f"--step {cfg.step}: method {self.method_name!r} on task {self.task.name!r} has steps 0..{n - 1}"
+            )
         saved = run_dir.read_config()
         if saved is not None:
-            check_identity(saved.get("identity", {}), self.identity, list(self.identity), run_dir.config_path,
-                           f"(the folder {run_dir.root} holds another run; use another --out)")
+            check_identity(
+                saved.get("identity", {}),
+                self.identity,
+                list(self.identity),
+                run_dir.config_path,
+                f"(the folder {run_dir.root} holds another run; use another --out)",
+            )
             run_dir.check_settings(saved, cfg)
         existing = run_dir.checkpoints()
         if not cfg.resume and cfg.step is None and existing:
@@ -280,7 +303,9 @@ class Trainer:
         if k + 1 >= n:
             raise RunError(f"--init-from {path} is step {k}; task {self.task.name!r} has no step {k + 1}")
         if self.cfg.step is not None and self.cfg.step != k + 1:
-            raise RunError(f"--init-from {path} is step {k}: it can only start step {k + 1}, not --step {self.cfg.step}")
+            raise RunError(
+                f"--init-from {path} is step {k}: it can only start step {k + 1}, not --step {self.cfg.step}"
+            )
         return k + 1, self.load_step_model(path, k, init=True)
 
     def _resume_plan(self, first: int, last: int, model: Optional[DeepLabV3]) -> Tuple[int, Optional[DeepLabV3]]:
@@ -353,8 +378,15 @@ class Trainer:
         """Old/new/all mIoU after train step ``t`` (reduced over the ranks); the summary entry."""
         rt = self.report_step(t)
         cm = evaluate_model(
-            model, self.val_subset(rt), self.num_classes, self.device, self.eval_batch, self.cfg.workers,
-            self.amp_dtype, self.progress, f"eval step {rt}",
+            model,
+            self.val_subset(rt),
+            self.num_classes,
+            self.device,
+            self.eval_batch,
+            self.cfg.workers,
+            self.amp_dtype,
+            self.progress,
+            f"eval step {rt}",
         )
         cm = reduce_confusion(cm)
         learnt = self.task.classes_until(rt)
@@ -435,10 +467,8 @@ class Trainer:
             for t in range(first, last + 1):
                 model = StepTrainer(self, t, model).train()
                 r = self.results[t]
-                self.log(
-                    f"{self.method_name} step {self.report_step(t)}: mIoU old {report.format_number(r['miou_old']).strip()} "
-                    f"new {report.format_number(r['miou_new']).strip()} all {report.format_number(r['miou_all']).strip()}"
-                )
+                old, new, all_ = (report.format_number(r[k]).strip() for k in ("miou_old", "miou_new", "miou_all"))
+                self.log(f"{self.method_name} step {self.report_step(t)}: mIoU old {old} new {new} all {all_}")
             return self.write_reports(t_start)
         finally:
             if lock is not None:

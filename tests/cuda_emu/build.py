@@ -25,6 +25,7 @@ which code path a call took).
 
     python tests/cuda_emu/build.py      # build (about 2-3 minutes on 2 cores) and load
 """
+
 from __future__ import annotations
 
 import os
