@@ -138,8 +138,8 @@ __device__ __forceinline__ T block_sum(T v) {
 // out[n] = sqrt(sum_{i < per_n} partial[n * per_n + i]): one block per n,
 // fixed summation order. The second launch of the distance ops.
 template <typename acc>
-__global__ void __launch_bounds__(kThreads)
-    sum_sqrt_kernel(const acc* __restrict__ partial, int64_t per_n, acc* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads) sum_sqrt_kernel(const acc* __restrict__ partial, int64_t per_n,
+                                                             acc* __restrict__ out) {
   const int64_t n = blockIdx.x;
   const acc* p = partial + n * per_n;
   acc s = acc(0);
@@ -151,9 +151,7 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------
 // Host helpers.
 
-inline bool aligned16(const void* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
-}
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // Number of SMs of a device (cached; no synchronisation).
 inline int num_sms(int device) {
@@ -171,23 +169,19 @@ inline const acc* opt_data(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<acc>() : nullptr;
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Threads of a one-block-per-plane kernel: 128 for small planes (more planes
 // in flight per SM), kThreads otherwise. The kernels take it from blockDim.x.
-inline int plane_threads(int64_t plane_elems) {
-  return plane_elems <= 2048 ? 128 : kThreads;
-}
+inline int plane_threads(int64_t plane_elems) { return plane_elems <= 2048 ? 128 : kThreads; }
 
 // Launches sum_sqrt_kernel on the current stream: out[n] = sqrt(sum of per_n partials).
 template <typename acc>
 inline void launch_sum_sqrt(const at::Tensor& partial, int64_t per_n, at::Tensor& out, cudaStream_t stream) {
   const int64_t N = out.numel();
   if (N == 0) return;
-  sum_sqrt_kernel<acc>
-      <<<static_cast<unsigned>(N), kThreads, 0, stream>>>(partial.data_ptr<acc>(), per_n, out.data_ptr<acc>());
+  sum_sqrt_kernel<acc><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(partial.data_ptr<acc>(), per_n,
+                                                                           out.data_ptr<acc>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

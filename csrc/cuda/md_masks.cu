@@ -50,6 +50,7 @@
 #include "device_utils.cuh"
 #include "op_handles.h"
 
+
 #include <algorithm>
 #include <tuple>
 
@@ -57,7 +58,7 @@ namespace lskd {
 namespace cuda {
 namespace {
 
-constexpr int kBins = 256;               // 8-bit digits
+constexpr int kBins = 256;              // 8-bit digits
 constexpr int kSelectMaxThreads = 1024;  // threads of md_select_mask_kernel (at most)
 
 // ---------------------------------------------------------------------------
@@ -66,18 +67,10 @@ constexpr int kSelectMaxThreads = 1024;  // threads of md_select_mask_kernel (at
 // The CPU emulation of the kernels (tests/cuda_emu, LSKD_CUDA_EMULATION) uses
 // host float arithmetic, which is exactly that (built with -ffp-contract=off).
 #ifdef LSKD_CUDA_EMULATION
-__device__ __forceinline__ float f32_mul(float a, float b) {
-  return a * b;
-}
-__device__ __forceinline__ float f32_sub(float a, float b) {
-  return a - b;
-}
-__device__ __forceinline__ float f32_div(float a, float b) {
-  return a / b;
-}
-__device__ __forceinline__ float f32_fma(float a, float b, float c) {
-  return std::fma(a, b, c);
-}
+__device__ __forceinline__ float f32_mul(float a, float b) { return a * b; }
+__device__ __forceinline__ float f32_sub(float a, float b) { return a - b; }
+__device__ __forceinline__ float f32_div(float a, float b) { return a / b; }
+__device__ __forceinline__ float f32_fma(float a, float b, float c) { return std::fma(a, b, c); }
 #else
 __device__ __forceinline__ float f32_mul(float a, float b) {
   float r;
@@ -229,7 +222,8 @@ struct SelectState {
 // from global memory in every pass.
 template <typename acc, bool kSmem>
 __device__ acc row_quantile(const acc* __restrict__ row, int L, float q, bool float64_ranks,
-                            typename KeyTraits<acc>::K* __restrict__ skeys, int* __restrict__ hist, SelectState* st) {
+                            typename KeyTraits<acc>::K* __restrict__ skeys, int* __restrict__ hist,
+                            SelectState* st) {
   using KT = KeyTraits<acc>;
   using K = typename KT::K;
   const int tid = threadIdx.x, nt = blockDim.x;
@@ -400,6 +394,7 @@ __global__ void __launch_bounds__(kSelectMaxThreads, 1)
     out[i] = (use_bg && KT::ckey(bg[i]) >= k_bg) || (use_new && KT::ckey(nw[i]) <= k_new);
   }
 }
+
 
 // Dynamic shared memory md_select_mask_kernel may use: what one block may opt in
 // to, less its static shared memory (hist, reductions) and a margin. Cached; no

@@ -32,9 +32,9 @@ namespace {
 // Shared memory: red [kWarps][5][32 * V] (acc).
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads)
-    md_partial_kernel(const scalar_t* __restrict__ A, const scalar_t* __restrict__ B, const scalar_t* __restrict__ D,
-                      Strides4 sA, Strides4 sB, Strides4 sD, int C, int H, int W, int nP, int nCc, int Cc,
-                      acc_t<scalar_t>* __restrict__ pp, acc_t<scalar_t>* __restrict__ gp) {
+    md_partial_kernel(const scalar_t* __restrict__ A, const scalar_t* __restrict__ B,
+                      const scalar_t* __restrict__ D, Strides4 sA, Strides4 sB, Strides4 sD, int C, int H, int W,
+                      int nP, int nCc, int Cc, acc_t<scalar_t>* __restrict__ pp, acc_t<scalar_t>* __restrict__ gp) {
   using acc = acc_t<scalar_t>;
   constexpr int PB = 32 * V;  // positions per block
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -239,13 +239,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> md_stats_cuda(const a
     const unsigned blocks = static_cast<unsigned>(N * nCc * nP);
     if (vec) {
       md_partial_kernel<scalar_t, VW><<<blocks, kThreads, smem, stream>>>(
-          feat.data_ptr<scalar_t>(), feat_bg_erased.data_ptr<scalar_t>(), feat_new_erased.data_ptr<scalar_t>(), sA, sB,
-          sD, static_cast<int>(C), static_cast<int>(H), static_cast<int>(W), static_cast<int>(nP),
+          feat.data_ptr<scalar_t>(), feat_bg_erased.data_ptr<scalar_t>(), feat_new_erased.data_ptr<scalar_t>(), sA,
+          sB, sD, static_cast<int>(C), static_cast<int>(H), static_cast<int>(W), static_cast<int>(nP),
           static_cast<int>(nCc), static_cast<int>(Cc), pp.data_ptr<acc>(), gp.data_ptr<acc>());
     } else {
       md_partial_kernel<scalar_t, 1><<<blocks, kThreads, smem, stream>>>(
-          feat.data_ptr<scalar_t>(), feat_bg_erased.data_ptr<scalar_t>(), feat_new_erased.data_ptr<scalar_t>(), sA, sB,
-          sD, static_cast<int>(C), static_cast<int>(H), static_cast<int>(W), static_cast<int>(nP),
+          feat.data_ptr<scalar_t>(), feat_bg_erased.data_ptr<scalar_t>(), feat_new_erased.data_ptr<scalar_t>(), sA,
+          sB, sD, static_cast<int>(C), static_cast<int>(H), static_cast<int>(W), static_cast<int>(nP),
           static_cast<int>(nCc), static_cast<int>(Cc), pp.data_ptr<acc>(), gp.data_ptr<acc>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -299,8 +299,8 @@ __global__ void __launch_bounds__(kThreads, 4)
 // z at (row, col) of a plane, any strides.
 template <typename scalar_t>
 __device__ __forceinline__ acc_t<scalar_t> z_at(const scalar_t* pa, const scalar_t* pb, const Strides4& sa,
-                                                const Strides4& sb, const acc_t<scalar_t>* pm, acc_t<scalar_t> ncv,
-                                                int W, int row, int col, bool square) {
+                                                 const Strides4& sb, const acc_t<scalar_t>* pm, acc_t<scalar_t> ncv,
+                                                 int W, int row, int col, bool square) {
   using acc = acc_t<scalar_t>;
   acc va = to_acc(pa[row * sa.h + col * sa.w]);
   acc vb = to_acc(pb[row * sb.h + col * sb.w]);
@@ -318,10 +318,10 @@ __device__ __forceinline__ acc_t<scalar_t> z_at(const scalar_t* pa, const scalar
 // iteration, summed directly from global memory. Any size, any strides.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    pod_fwd_generic_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, Strides4 sa, Strides4 sb,
-                           const acc_t<scalar_t>* __restrict__ smask, const acc_t<scalar_t>* __restrict__ cmask, int C,
-                           int H, int W, bool square, PodLayout lay, acc_t<scalar_t>* __restrict__ emb,
-                           acc_t<scalar_t>* __restrict__ plane_sq) {
+    pod_fwd_generic_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, Strides4 sa,
+                           Strides4 sb, const acc_t<scalar_t>* __restrict__ smask,
+                           const acc_t<scalar_t>* __restrict__ cmask, int C, int H, int W, bool square,
+                           PodLayout lay, acc_t<scalar_t>* __restrict__ emb, acc_t<scalar_t>* __restrict__ plane_sq) {
   using acc = acc_t<scalar_t>;
   const int64_t plane = blockIdx.x;
   const int64_t n = plane / C;
@@ -483,8 +483,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     pod_bwd_generic_kernel(const acc_t<scalar_t>* __restrict__ grad_dist, int64_t gd_stride,
-                           const acc_t<scalar_t>* __restrict__ dist, int64_t d_stride, const scalar_t* __restrict__ a,
-                           Strides4 sa, scalar_t* __restrict__ grad, Strides4 sg,
+                           const acc_t<scalar_t>* __restrict__ dist, int64_t d_stride,
+                           const scalar_t* __restrict__ a, Strides4 sa, scalar_t* __restrict__ grad, Strides4 sg,
                            const acc_t<scalar_t>* __restrict__ smask, const acc_t<scalar_t>* __restrict__ cmask,
                            int64_t N, int64_t C, int H, int W, bool square, PodLayout lay,
                            const acc_t<scalar_t>* __restrict__ emb) {
@@ -567,14 +567,14 @@ std::tuple<at::Tensor, at::Tensor> pod_forward_cuda(const at::Tensor& student, c
       if (R >= 1) {
         if (vec) {
           pod_fwd_kernel<scalar_t, VW><<<static_cast<unsigned>(N * C), threads, smem, stream>>>(
-              student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), sa, sb, sm, cm, static_cast<int>(C), square,
-              T, static_cast<int>(R), static_cast<int>(zpitch), static_cast<int>(rapitch), emb.data_ptr<acc>(), lay.L,
-              plane_sq.data_ptr<acc>());
+              student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), sa, sb, sm, cm, static_cast<int>(C),
+              square, T, static_cast<int>(R), static_cast<int>(zpitch), static_cast<int>(rapitch),
+              emb.data_ptr<acc>(), lay.L, plane_sq.data_ptr<acc>());
         } else {
           pod_fwd_kernel<scalar_t, 1><<<static_cast<unsigned>(N * C), threads, smem, stream>>>(
-              student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), sa, sb, sm, cm, static_cast<int>(C), square,
-              T, static_cast<int>(R), static_cast<int>(zpitch), static_cast<int>(rapitch), emb.data_ptr<acc>(), lay.L,
-              plane_sq.data_ptr<acc>());
+              student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), sa, sb, sm, cm, static_cast<int>(C),
+              square, T, static_cast<int>(R), static_cast<int>(zpitch), static_cast<int>(rapitch),
+              emb.data_ptr<acc>(), lay.L, plane_sq.data_ptr<acc>());
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {

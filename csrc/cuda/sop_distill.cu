@@ -199,9 +199,9 @@ __device__ __forceinline__ void cover_range(int x, int pad, int win, int stride,
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads)
     sop_bwd_kernel(const acc_t<scalar_t>* __restrict__ grad_dist, int64_t gd_stride,
-                   const acc_t<scalar_t>* __restrict__ dist, int64_t d_stride, scalar_t* __restrict__ grad, Strides4 sg,
-                   const acc_t<scalar_t>* __restrict__ smask, const acc_t<scalar_t>* __restrict__ cmask, int C,
-                   SopGeom G, const acc_t<scalar_t>* __restrict__ pooled_grad, bool stage, bool tables) {
+                   const acc_t<scalar_t>* __restrict__ dist, int64_t d_stride, scalar_t* __restrict__ grad,
+                   Strides4 sg, const acc_t<scalar_t>* __restrict__ smask, const acc_t<scalar_t>* __restrict__ cmask,
+                   int C, SopGeom G, const acc_t<scalar_t>* __restrict__ pooled_grad, bool stage, bool tables) {
   using acc = acc_t<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t plane = blockIdx.x;

@@ -66,8 +66,8 @@ namespace lskd_emu_rt {
 // ---------------------------------------------------------------- device attributes
 
 struct Device {
-  int sms = 4;                  // cudaDevAttrMultiProcessorCount
-  int smem_optin = 227 * 1024;  // cudaDevAttrMaxSharedMemoryPerBlockOptin (H100)
+  int sms = 4;                       // cudaDevAttrMultiProcessorCount
+  int smem_optin = 227 * 1024;       // cudaDevAttrMaxSharedMemoryPerBlockOptin (H100)
   std::map<const void*, int> func_max_dyn_smem;
   int64_t launches = 0;
   std::vector<int64_t> kernels;  // address of each kernel launched (cleared by the reader)
@@ -112,9 +112,7 @@ inline std::mutex& launch_mutex() {
   return m;
 }
 
-inline Fiber& self() {
-  return run().fibers[run().cur];
-}
+inline Fiber& self() { return run().fibers[run().cur]; }
 inline void park(State s, int site) {
   BlockRun& r = run();
   r.fibers[r.cur].state = s;
@@ -163,9 +161,8 @@ inline void run_block() {
       int in_op = 0;
       for (int i = w0; i < w1; ++i) in_op += r.fibers[i].state == State::WarpOp;
       if (in_op == 0) continue;
-      if (in_op != w1 - w0)
-        fail("a warp-level operation that not every lane of warp " + std::to_string(w0 / 32) +
-             " reaches (divergence or exited lanes)");
+      if (in_op != w1 - w0) fail("a warp-level operation that not every lane of warp " + std::to_string(w0 / 32) +
+                                 " reaches (divergence or exited lanes)");
       for (int i = w0; i < w1; ++i)
         if (r.fibers[i].site != r.fibers[w0].site)
           fail("lanes of warp " + std::to_string(w0 / 32) + " in warp operations of lines " +
@@ -205,12 +202,8 @@ inline void run_block() {
 
 // ---------------------------------------------------------------- launches
 
-inline dim3 as_dim3(dim3 d) {
-  return d;
-}
-inline dim3 as_dim3(int64_t v) {
-  return dim3(static_cast<unsigned>(v));
-}
+inline dim3 as_dim3(dim3 d) { return d; }
+inline dim3 as_dim3(int64_t v) { return dim3(static_cast<unsigned>(v)); }
 
 template <typename... Params>
 struct Launch {
@@ -228,7 +221,8 @@ struct Launch {
     auto it = dev.func_max_dyn_smem.find(reinterpret_cast<const void*>(kernel));
     if (it != dev.func_max_dyn_smem.end()) limit = it->second;
     if (smem > static_cast<size_t>(limit))
-      fail("launch with " + std::to_string(smem) + " bytes of dynamic shared memory, limit " + std::to_string(limit));
+      fail("launch with " + std::to_string(smem) + " bytes of dynamic shared memory, limit " +
+           std::to_string(limit));
     ++dev.launches;
     dev.kernels.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(kernel)));
     BlockRun& r = run();
@@ -273,9 +267,7 @@ inline T from_bits(uint64_t u) {
   std::memcpy(&v, &u, sizeof(T));
   return v;
 }
-inline int linear_tid() {
-  return run().cur;
-}
+inline int linear_tid() { return run().cur; }
 inline void check_full_mask(unsigned mask) {
   if (mask != 0xffffffffu) fail("warp operation with a partial mask (not emulated)");
 }
@@ -292,9 +284,7 @@ inline T lane_value(int me, int lane) {
   const int w0 = me & ~31;
   return from_bits<T>(run().published[w0 + lane]);
 }
-inline int warp_size_of(int me) {
-  return std::min(32, run().nthreads - (me & ~31));
-}
+inline int warp_size_of(int me) { return std::min(32, run().nthreads - (me & ~31)); }
 
 }  // namespace lskd_emu_rt
 
@@ -311,9 +301,7 @@ inline int warp_size_of(int me) {
 #define __match_any_sync(mask, v) ::lskd_emu_rt::match_any((mask), (v), __LINE__)
 
 namespace lskd_emu_rt {
-inline void syncthreads(int site) {
-  park(State::BlockBarrier, site);
-}
+inline void syncthreads(int site) { park(State::BlockBarrier, site); }
 inline int syncthreads_or(int p, int site) {
   self().deposit = p != 0;
   park(State::BlockBarrier, site);
@@ -351,42 +339,20 @@ inline T atomicAdd(T* p, T v) {
   *p = old + v;
   return old;
 }
-inline int __popc(unsigned v) {
-  return __builtin_popcount(v);
-}
-inline int __ffs(int v) {
-  return __builtin_ffs(v);
-}
-inline unsigned __float_as_uint(float x) {
-  return ::lskd_emu_rt::from_bits<unsigned>(::lskd_emu_rt::to_bits(x));
-}
-inline float __uint_as_float(unsigned u) {
-  return ::lskd_emu_rt::from_bits<float>(u);
-}
-inline long long __double_as_longlong(double x) {
-  return ::lskd_emu_rt::from_bits<long long>(::lskd_emu_rt::to_bits(x));
-}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
+inline unsigned __float_as_uint(float x) { return ::lskd_emu_rt::from_bits<unsigned>(::lskd_emu_rt::to_bits(x)); }
+inline float __uint_as_float(unsigned u) { return ::lskd_emu_rt::from_bits<float>(u); }
+inline long long __double_as_longlong(double x) { return ::lskd_emu_rt::from_bits<long long>(::lskd_emu_rt::to_bits(x)); }
 inline double __longlong_as_double(long long u) {
   return ::lskd_emu_rt::from_bits<double>(static_cast<uint64_t>(u));
 }
-inline float __ll2float_rn(long long v) {
-  return static_cast<float>(v);
-}
-inline float __int2float_rn(int v) {
-  return static_cast<float>(v);
-}
-inline float __double2float_rn(double v) {
-  return static_cast<float>(v);
-}
-inline double __dsub_rn(double a, double b) {
-  return a - b;
-}
-inline double __dmul_rn(double a, double b) {
-  return a * b;
-}
-inline double __fma_rn(double a, double b, double c) {
-  return std::fma(a, b, c);
-}
+inline float __ll2float_rn(long long v) { return static_cast<float>(v); }
+inline float __int2float_rn(int v) { return static_cast<float>(v); }
+inline float __double2float_rn(double v) { return static_cast<float>(v); }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
 // CUDA's math overloads (float sqrt etc.) and min/max in the global namespace.
 using std::ceil;
 using std::fabs;
@@ -416,9 +382,7 @@ struct CUDAGuard {
 struct CUDAStreamStub {
   operator cudaStream_t() const { return nullptr; }
 };
-inline CUDAStreamStub getCurrentCUDAStream(int = -1) {
-  return {};
-}
+inline CUDAStreamStub getCurrentCUDAStream(int = -1) { return {}; }
 }  // namespace cuda
 }  // namespace c10
 #define C10_CUDA_CHECK(expr) ((void)(expr))

@@ -80,7 +80,7 @@ int lskd_emu_selftest(char* error, int error_len) {
   for (int pass = 0; pass < 2; ++pass) {
     const std::vector<int>& x = pass == 0 ? in : even;
     ::lskd_emu_rt::launch(warp_ops_kernel, blocks, threads)(x.data(), sum.data(), scan.data(), match.data(),
-                                                            any_odd.data());
+                                                             any_odd.data());
     for (int w0 = 0; w0 < blocks * threads; w0 += 32) {
       int s = 0;
       for (int l = 0; l < 32; ++l) s += x[w0 + l];
