@@ -46,9 +46,6 @@ def _error_message(e: BaseException) -> str:
 
 
 def _add_train(sub) -> None:
-    from .methods import METHODS
-    from .models import BACKBONES
-
     p = sub.add_parser(
         "train",
         help="train every step of a class-incremental task (or one step) and evaluate after each",
@@ -59,6 +56,19 @@ def _add_train(sub) -> None:
             "30 epochs for VOC and folders, 60 for ADE20K). Under torchrun it trains with DDP."
         ),
     )
+    _train_what_args(p)
+    _train_schedule_args(p)
+    _train_run_args(p)
+    _train_protocol_args(p)
+    _train_weighting_args(p.add_argument_group("dynamic weights and scheme search (LSKD)"))
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines")
+
+
+def _train_what_args(p: argparse.ArgumentParser) -> None:
+    """Data, task, method, output and model."""
+    from .methods import METHODS
+    from .models import BACKBONES
+
     p.add_argument(
         "--dataset",
         required=True,
@@ -75,6 +85,10 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--pretrained", default=None, help="local torchvision-format ImageNet state dict of the backbone")
     p.add_argument("--output-stride", type=int, default=16, choices=[8, 16], help="output stride (default 16)")
+
+
+def _train_schedule_args(p: argparse.ArgumentParser) -> None:
+    """Epochs, batch, learning rates, crop, evaluation size, precision."""
     p.add_argument("--epochs", type=int, default=None, help="epochs of step 0 (default: 30 VOC/folder, 60 ADE)")
     p.add_argument("--epochs-next", type=int, default=None, help="epochs of the steps > 0 (default: --epochs)")
     p.add_argument("--batch-size", type=int, default=24, help="global batch, split over the ranks (default 24)")
@@ -100,6 +114,10 @@ def _add_train(sub) -> None:
         choices=["bf16", "fp16", "none"],
         help="mixed precision (default none; fp16 uses a GradScaler)",
     )
+
+
+def _train_run_args(p: argparse.ArgumentParser) -> None:
+    """Device, workers, seed and what this invocation does (--step, --resume, --init-from)."""
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: the GPU when present)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and augmentation")
@@ -113,6 +131,10 @@ def _add_train(sub) -> None:
         metavar="CKPT",
         help="start from a step-k checkpoint (e.g. a shared step 0) and train k+1..",
     )
+
+
+def _train_protocol_args(p: argparse.ArgumentParser) -> None:
+    """BatchNorm mode, pseudo-label rule, fixed term weights."""
     p.add_argument(
         "--bn",
         default="train",
@@ -133,7 +155,10 @@ def _add_train(sub) -> None:
         metavar="NAME=W,...",
         help="fixed weights of loss terms (default 1), e.g. 'unkd=0.5'",
     )
-    g = p.add_argument_group("dynamic weights and scheme search (LSKD)")
+
+
+def _train_weighting_args(g) -> None:
+    """Dynamic weights (RGE, GradNorm) and the bi-level scheme search."""
     g.add_argument(
         "--weighting",
         default="fixed",
@@ -176,7 +201,6 @@ def _add_train(sub) -> None:
         default=3e-3,
         help="Adam learning rate of the scheme logits and weights (default 3e-3)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars and no per-epoch lines")
 
 
 def _add_eval(sub) -> None:
@@ -260,44 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, cleanup_distributed, init_distributed, parse_weights, train
 
-    cfg = TrainConfig(
-        dataset=args.dataset,
-        data_root=args.data_root,
-        task=args.task,
-        method=args.method,
-        out=args.out,
-        disjoint=args.disjoint,
-        backbone=args.backbone,
-        pretrained=args.pretrained,
-        output_stride=args.output_stride,
-        epochs=args.epochs,
-        epochs_next=args.epochs_next,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lr_next=args.lr_next,
-        weight_decay=args.weight_decay,
-        crop=args.crop,
-        eval_size=args.eval_size,
-        eval_batch_size=args.eval_batch_size,
-        amp=args.amp,
-        device=args.device,
-        workers=args.workers,
-        seed=args.seed,
-        step=args.step,
-        resume=args.resume,
-        init_from=args.init_from,
-        quiet=args.quiet,
-        term_weights=parse_weights(args.term_weights),
-        weighting=args.weighting,
-        weight_lr=args.weight_lr,
-        search=args.search,
-        search_epochs=args.search_epochs,
-        search_split=args.search_split,
-        search_order=args.search_order,
-        search_lr=args.search_lr,
-        bn=args.bn,
-        pseudo_threshold=args.pseudo_threshold,
-    )
+    # every option of `lskd train` is the TrainConfig field of the same name
+    cfg = TrainConfig.from_dict({**vars(args), "term_weights": parse_weights(args.term_weights)})
     dctx = init_distributed(cfg.device)
     try:
         train(cfg, dctx)

@@ -96,6 +96,19 @@ def test_help_of_every_subcommand(capsys):
     assert e.value.code == 2
 
 
+def test_every_train_option_is_a_config_field():
+    """`lskd train` hands its options to TrainConfig by name: none may be dropped on the way."""
+    from dataclasses import fields
+
+    from lskd.cli import build_parser
+    from lskd.train import TrainConfig
+
+    args = build_parser().parse_args(
+        ["train", "--dataset", "folder", "--data-root", "d", "--task", "2-1", "--method", "mib", "--out", "o"]
+    )
+    assert set(vars(args)) - {"command"} <= {f.name for f in fields(TrainConfig)}
+
+
 def test_make_synthetic(synth):
     assert (synth / "classes.txt").read_text().splitlines()[0] == "background"
     assert len((synth / "ImageSets" / "Segmentation" / "train.txt").read_text().split()) == 24
