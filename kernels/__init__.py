@@ -5,7 +5,6 @@ Importing the submodules registers the custom ops ``lskd_triton::pod_forward``,
 in csrc/ops.cpp). Fake kernels and autograd are registered in ``lskd/ops/``.
 Import this package only where triton is importable.
 """
-
 from . import md_stats, pod_distill, sop_distill  # noqa: F401  (registrations)
 
 __all__ = ["pod_distill", "sop_distill", "md_stats"]

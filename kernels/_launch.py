@@ -9,7 +9,6 @@ partial sums into the per-image distance).
 Everything here works under TRITON_INTERPRET=1 on CPU tensors as well as on
 CUDA tensors. Only Triton APIs present in both triton 3.6 and 3.8 are used.
 """
-
 from __future__ import annotations
 
 import contextlib

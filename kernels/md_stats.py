@@ -14,7 +14,6 @@ tiles in a fixed order (deterministic, no atomics) and writes the gaps.
 The [BLOCK_C, BLOCK_P] tile is coalesced for NCHW (positions contiguous) and
 for channels-last (channels contiguous) alike.
 """
-
 from __future__ import annotations
 
 from typing import Tuple
@@ -51,35 +50,13 @@ def _pos_offsets(pp, W, s_h, s_w, FLAT: tl.constexpr):
 
 @triton.jit
 def _md_main_kernel(
-    a_ptr,
-    c_ptr,
-    d_ptr,
-    cos_b_ptr,
-    cos_n_ptr,
-    part_ptr,
-    C,
-    W,
-    HW,
-    NT,
-    PART2,
-    eps_hi,
-    eps_lo,
-    sa_n,
-    sa_c,
-    sa_h,
-    sa_w,
-    sc_n,
-    sc_c,
-    sc_h,
-    sc_w,
-    sd_n,
-    sd_c,
-    sd_h,
-    sd_w,
-    FLAT: tl.constexpr,
-    IS_FP64: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    a_ptr, c_ptr, d_ptr, cos_b_ptr, cos_n_ptr, part_ptr,
+    C, W, HW, NT, PART2, eps_hi, eps_lo,
+    sa_n, sa_c, sa_h, sa_w,
+    sc_n, sc_c, sc_h, sc_w,
+    sd_n, sd_c, sd_h, sd_w,
+    FLAT: tl.constexpr, IS_FP64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     acc_t = cos_b_ptr.dtype.element_ty
     n = tl.program_id(0).to(tl.int64)
@@ -124,15 +101,8 @@ def _md_main_kernel(
 
 @triton.jit
 def _md_gap_kernel(
-    part_ptr,
-    gap_b_ptr,
-    gap_n_ptr,
-    NC,
-    NT,
-    PART2,
-    HW,
-    BLOCK_R: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    part_ptr, gap_b_ptr, gap_n_ptr, NC, NT, PART2, HW,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """gap[row] = |sum_t part[row, t]| / HW for rows of the [N * C, NT] partial buffers."""
     acc_t = gap_b_ptr.dtype.element_ty
@@ -188,41 +158,17 @@ def _md_stats_impl(feat, feat_bg_erased, feat_new_erased, eps):
     flat = _flat(feat) and _flat(feat_bg_erased) and _flat(feat_new_erased)
     with device_guard(feat):
         _md_main_kernel[(n, nt)](
-            feat,
-            feat_bg_erased,
-            feat_new_erased,
-            cos_bg,
-            cos_new,
-            part,
-            c,
-            w,
-            hw,
-            nt,
-            part2,
-            eps_hi,
-            eps_lo,
-            *strides4(feat),
-            *strides4(feat_bg_erased),
-            *strides4(feat_new_erased),
-            FLAT=flat,
-            IS_FP64=is64,
-            BLOCK_C=block_c,
-            BLOCK_P=block_p,
+            feat, feat_bg_erased, feat_new_erased, cos_bg, cos_new, part,
+            c, w, hw, nt, part2, eps_hi, eps_lo,
+            *strides4(feat), *strides4(feat_bg_erased), *strides4(feat_new_erased),
+            FLAT=flat, IS_FP64=is64, BLOCK_C=block_c, BLOCK_P=block_p,
             num_warps=num_warps_for(block_c * block_p),
         )
         block_t = clamp(next_pow2(nt), 1, 64)
         block_r = clamp(2048 // block_t, 1, 256)
         _md_gap_kernel[(triton.cdiv(n * c, block_r),)](
-            part,
-            gap_bg,
-            gap_new,
-            n * c,
-            nt,
-            part2,
-            hw,
-            BLOCK_R=block_r,
-            BLOCK_T=block_t,
-            num_warps=4,
+            part, gap_bg, gap_new, n * c, nt, part2, hw,
+            BLOCK_R=block_r, BLOCK_T=block_t, num_warps=4,
         )
     return cos_bg, cos_new, gap_bg, gap_new
 

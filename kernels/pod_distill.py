@@ -24,7 +24,6 @@ The generic path handles any H, W (masked segment sums).
 Backward: one program per plane, loop over row chunks; per element gathers
 the (cached, tiny) embedding values of the regions that contain it.
 """
-
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -91,25 +90,10 @@ def _scale_args(scales: List[int]):
 # --------------------------------------------------------------------------
 @triton.jit
 def _pod_fwd_scale(
-    z,
-    csum,
-    r,
-    r0,
-    cols,
-    H,
-    W,
-    emb_row,
-    off,
-    hacc,
-    sidx,
-    sq_r,
-    sq_c,
-    S: tl.constexpr,
-    SI: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    ALIGN_H: tl.constexpr,
-    ALIGN_W: tl.constexpr,
+    z, csum, r, r0, cols, H, W, emb_row, off, hacc, sidx, sq_r, sq_c,
+    S: tl.constexpr, SI: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    ALIGN_H: tl.constexpr, ALIGN_W: tl.constexpr,
 ):
     """One scale of one row chunk: store the width pools of the chunk's rows,
     accumulate the height pools, store those whose region row is complete."""
@@ -168,41 +152,16 @@ def _pod_fwd_scale(
 
 @triton.jit
 def _pod_fwd_kernel(
-    a_ptr,
-    b_ptr,
-    m_ptr,
-    nm_ptr,
-    emb_ptr,
-    part_ptr,
-    C,
-    H,
-    W,
-    L,
-    sa_n,
-    sa_c,
-    sa_h,
-    sa_w,
-    sb_n,
-    sb_c,
-    sb_h,
-    sb_w,
+    a_ptr, b_ptr, m_ptr, nm_ptr, emb_ptr, part_ptr,
+    C, H, W, L,
+    sa_n, sa_c, sa_h, sa_w,
+    sb_n, sb_c, sb_h, sb_w,
     NS: tl.constexpr,
-    S0: tl.constexpr,
-    S1: tl.constexpr,
-    S2: tl.constexpr,
-    S3: tl.constexpr,
-    S4: tl.constexpr,
-    S5: tl.constexpr,
-    S6: tl.constexpr,
-    S7: tl.constexpr,
-    HAS_M: tl.constexpr,
-    HAS_NM: tl.constexpr,
-    SQUARE: tl.constexpr,
-    ALIGN_H: tl.constexpr,
-    ALIGN_W: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    NSP: tl.constexpr,
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+    S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
+    HAS_M: tl.constexpr, HAS_NM: tl.constexpr, SQUARE: tl.constexpr,
+    ALIGN_H: tl.constexpr, ALIGN_W: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, NSP: tl.constexpr,
 ):
     acc_t = emb_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)  # plane n * C + c
@@ -247,181 +206,29 @@ def _pod_fwd_kernel(
             csum = sq_c  # unused
         off = 0
         if NS > 0:
-            hacc, sq_r, sq_c, off = _pod_fwd_scale(
-                z,
-                csum,
-                r,
-                r0,
-                cols,
-                H,
-                W,
-                emb_row,
-                off,
-                hacc,
-                sidx,
-                sq_r,
-                sq_c,
-                S0,
-                0,
-                BLOCK_H,
-                BLOCK_W,
-                ALIGN_H,
-                ALIGN_W,
-            )
+            hacc, sq_r, sq_c, off = _pod_fwd_scale(z, csum, r, r0, cols, H, W, emb_row, off, hacc, sidx, sq_r, sq_c,
+                                                   S0, 0, BLOCK_H, BLOCK_W, ALIGN_H, ALIGN_W)
         if NS > 1:
-            hacc, sq_r, sq_c, off = _pod_fwd_scale(
-                z,
-                csum,
-                r,
-                r0,
-                cols,
-                H,
-                W,
-                emb_row,
-                off,
-                hacc,
-                sidx,
-                sq_r,
-                sq_c,
-                S1,
-                1,
-                BLOCK_H,
-                BLOCK_W,
-                ALIGN_H,
-                ALIGN_W,
-            )
+            hacc, sq_r, sq_c, off = _pod_fwd_scale(z, csum, r, r0, cols, H, W, emb_row, off, hacc, sidx, sq_r, sq_c,
+                                                   S1, 1, BLOCK_H, BLOCK_W, ALIGN_H, ALIGN_W)
         if NS > 2:
-            hacc, sq_r, sq_c, off = _pod_fwd_scale(
-                z,
-                csum,
-                r,
-                r0,
-                cols,
-                H,
-                W,
-                emb_row,
-                off,
-                hacc,
-                sidx,
-                sq_r,
-                sq_c,
-                S2,
-                2,
-                BLOCK_H,
-                BLOCK_W,
-                ALIGN_H,
-                ALIGN_W,
-            )
+            hacc, sq_r, sq_c, off = _pod_fwd_scale(z, csum, r, r0, cols, H, W, emb_row, off, hacc, sidx, sq_r, sq_c,
+                                                   S2, 2, BLOCK_H, BLOCK_W, ALIGN_H, ALIGN_W)
         if NS > 3:
-            hacc, sq_r, sq_c, off = _pod_fwd_scale(
-                z,
-                csum,
-                r,
-                r0,
-                cols,
-                H,
-                W,
-                emb_row,
-                off,
-                hacc,
-                sidx,
-                sq_r,
-                sq_c,
-                S3,
-                3,
-                BLOCK_H,
-                BLOCK_W,
-                ALIGN_H,
-                ALIGN_W,
-            )
+            hacc, sq_r, sq_c, off = _pod_fwd_scale(z, csum, r, r0, cols, H, W, emb_row, off, hacc, sidx, sq_r, sq_c,
+                                                   S3, 3, BLOCK_H, BLOCK_W, ALIGN_H, ALIGN_W)
         if NS > 4:
-            hacc, sq_r, sq_c, off = _pod_fwd_scale(
-                z,
-                csum,
-                r,
-                r0,
-                cols,
-                H,
-                W,
-                emb_row,
-                off,
-                hacc,
-                sidx,
-                sq_r,
-                sq_c,
-                S4,
-                4,
-                BLOCK_H,
-                BLOCK_W,
-                ALIGN_H,
-                ALIGN_W,
-            )
+            hacc, sq_r, sq_c, off = _pod_fwd_scale(z, csum, r, r0, cols, H, W, emb_row, off, hacc, sidx, sq_r, sq_c,
+                                                   S4, 4, BLOCK_H, BLOCK_W, ALIGN_H, ALIGN_W)
         if NS > 5:
-            hacc, sq_r, sq_c, off = _pod_fwd_scale(
-                z,
-                csum,
-                r,
-                r0,
-                cols,
-                H,
-                W,
-                emb_row,
-                off,
-                hacc,
-                sidx,
-                sq_r,
-                sq_c,
-                S5,
-                5,
-                BLOCK_H,
-                BLOCK_W,
-                ALIGN_H,
-                ALIGN_W,
-            )
+            hacc, sq_r, sq_c, off = _pod_fwd_scale(z, csum, r, r0, cols, H, W, emb_row, off, hacc, sidx, sq_r, sq_c,
+                                                   S5, 5, BLOCK_H, BLOCK_W, ALIGN_H, ALIGN_W)
         if NS > 6:
-            hacc, sq_r, sq_c, off = _pod_fwd_scale(
-                z,
-                csum,
-                r,
-                r0,
-                cols,
-                H,
-                W,
-                emb_row,
-                off,
-                hacc,
-                sidx,
-                sq_r,
-                sq_c,
-                S6,
-                6,
-                BLOCK_H,
-                BLOCK_W,
-                ALIGN_H,
-                ALIGN_W,
-            )
+            hacc, sq_r, sq_c, off = _pod_fwd_scale(z, csum, r, r0, cols, H, W, emb_row, off, hacc, sidx, sq_r, sq_c,
+                                                   S6, 6, BLOCK_H, BLOCK_W, ALIGN_H, ALIGN_W)
         if NS > 7:
-            hacc, sq_r, sq_c, off = _pod_fwd_scale(
-                z,
-                csum,
-                r,
-                r0,
-                cols,
-                H,
-                W,
-                emb_row,
-                off,
-                hacc,
-                sidx,
-                sq_r,
-                sq_c,
-                S7,
-                7,
-                BLOCK_H,
-                BLOCK_W,
-                ALIGN_H,
-                ALIGN_W,
-            )
+            hacc, sq_r, sq_c, off = _pod_fwd_scale(z, csum, r, r0, cols, H, W, emb_row, off, hacc, sidx, sq_r, sq_c,
+                                                   S7, 7, BLOCK_H, BLOCK_W, ALIGN_H, ALIGN_W)
 
     total = tl.sum(sq_r, axis=0) + tl.sum(sq_c, axis=0)
     tl.store(part_ptr + pid, total)
@@ -432,17 +239,8 @@ def _pod_fwd_kernel(
 # --------------------------------------------------------------------------
 @triton.jit
 def _pod_bwd_scale(
-    G,
-    r,
-    r0,
-    cols,
-    msk,
-    H,
-    W,
-    emb_row,
-    off,
-    S: tl.constexpr,
-    ALIGN_H: tl.constexpr,
+    G, r, r0, cols, msk, H, W, emb_row, off,
+    S: tl.constexpr, ALIGN_H: tl.constexpr,
 ):
     """G += [r < Hs, q < Ws] * (emb_w(j = q // kw, r) / kw + emb_h(i = r // kh, q) / kh)."""
     acc_t = G.dtype
@@ -472,42 +270,16 @@ def _pod_bwd_scale(
 
 @triton.jit
 def _pod_bwd_kernel(
-    gd_ptr,
-    gd_s,
-    d_ptr,
-    d_s,
-    a_ptr,
-    m_ptr,
-    nm_ptr,
-    emb_ptr,
-    g_ptr,
-    C,
-    H,
-    W,
-    L,
-    sa_n,
-    sa_c,
-    sa_h,
-    sa_w,
-    sg_n,
-    sg_c,
-    sg_h,
-    sg_w,
+    gd_ptr, gd_s, d_ptr, d_s, a_ptr, m_ptr, nm_ptr, emb_ptr, g_ptr,
+    C, H, W, L,
+    sa_n, sa_c, sa_h, sa_w,
+    sg_n, sg_c, sg_h, sg_w,
     NS: tl.constexpr,
-    S0: tl.constexpr,
-    S1: tl.constexpr,
-    S2: tl.constexpr,
-    S3: tl.constexpr,
-    S4: tl.constexpr,
-    S5: tl.constexpr,
-    S6: tl.constexpr,
-    S7: tl.constexpr,
-    HAS_M: tl.constexpr,
-    HAS_NM: tl.constexpr,
-    SQUARE: tl.constexpr,
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+    S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
+    HAS_M: tl.constexpr, HAS_NM: tl.constexpr, SQUARE: tl.constexpr,
     ALIGN_H: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_W: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     acc_t = emb_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
@@ -583,27 +355,13 @@ def _pod_forward_impl(student, teacher, spatial_mask, channel_mask, scales, squa
     bh, bw, align_h, align_w, warps, _ = _pod_config(h, w, scales)
     with device_guard(student):
         _pod_fwd_kernel[(n * c,)](
-            student,
-            teacher,
-            m_ptr,
-            nm_ptr,
-            emb,
-            part,
-            c,
-            h,
-            w,
-            length,
-            *strides4(student),
-            *strides4(teacher),
+            student, teacher, m_ptr, nm_ptr, emb, part,
+            c, h, w, length,
+            *strides4(student), *strides4(teacher),
             **_scale_args(scales),
-            HAS_M=has_m,
-            HAS_NM=has_nm,
-            SQUARE=bool(square),
-            ALIGN_H=align_h,
-            ALIGN_W=align_w,
-            BLOCK_H=bh,
-            BLOCK_W=bw,
-            NSP=next_pow2(len(scales)),
+            HAS_M=has_m, HAS_NM=has_nm, SQUARE=bool(square),
+            ALIGN_H=align_h, ALIGN_W=align_w,
+            BLOCK_H=bh, BLOCK_W=bw, NSP=next_pow2(len(scales)),
             num_warps=warps,
         )
         rowsum_sqrt(part, dist)
@@ -620,10 +378,8 @@ def _pod_backward_impl(grad_dist, student, spatial_mask, channel_mask, dist, emb
     check_vector("pod_backward", "grad_dist", grad_dist, n)
     check_vector("pod_backward", "dist", dist, n)
     if tuple(emb.shape) != (n, c, length) or emb.dtype != acc:
-        raise ValueError(
-            f"lskd_triton: pod_backward: emb must be a {acc} [N, C, L] = {[n, c, length]} tensor, "
-            f"got {emb.dtype} {tuple(emb.shape)}"
-        )
+        raise ValueError(f"lskd_triton: pod_backward: emb must be a {acc} [N, C, L] = {[n, c, length]} tensor, "
+                         f"got {emb.dtype} {tuple(emb.shape)}")
     grad = torch.empty_like(student)
     if grad.numel() == 0:
         return grad
@@ -632,28 +388,13 @@ def _pod_backward_impl(grad_dist, student, spatial_mask, channel_mask, dist, emb
     bh, bw, align_h, _, _, warps = _pod_config(h, w, scales)
     with device_guard(student):
         _pod_bwd_kernel[(n * c,)](
-            grad_dist,
-            grad_dist.stride(0),
-            dist,
-            dist.stride(0),
-            student,
-            m_ptr,
-            nm_ptr,
-            emb,
-            grad,
-            c,
-            h,
-            w,
-            length,
-            *strides4(student),
-            *strides4(grad),
+            grad_dist, grad_dist.stride(0), dist, dist.stride(0), student, m_ptr, nm_ptr, emb, grad,
+            c, h, w, length,
+            *strides4(student), *strides4(grad),
             **_scale_args(scales),
-            HAS_M=has_m,
-            HAS_NM=has_nm,
-            SQUARE=bool(square),
+            HAS_M=has_m, HAS_NM=has_nm, SQUARE=bool(square),
             ALIGN_H=align_h,
-            BLOCK_H=bh,
-            BLOCK_W=bw,
+            BLOCK_H=bh, BLOCK_W=bw,
             num_warps=warps,
         )
     return grad

@@ -22,7 +22,6 @@ Backward: one program per (n, c) plane, loop over row chunks; every element
 gathers the pooled gradients of the (at most ceil(wh/sh) * ceil(ww/sw))
 windows that cover it (global: the single value of its plane).
 """
-
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -83,38 +82,12 @@ def sop_geometry(a: torch.Tensor, groups: int, window: List[int], stride: List[i
 # --------------------------------------------------------------------------
 @triton.jit
 def _sop_fwd_kernel(
-    a_ptr,
-    b_ptr,
-    m_ptr,
-    nm_ptr,
-    pg_ptr,
-    part_ptr,
-    C,
-    H,
-    W,
-    G,
-    K,
-    Ho,
-    Wo,
-    WH,
-    WW,
-    SH,
-    SW,
-    PH,
-    PW,
-    NT,
-    sa_n,
-    sa_c,
-    sa_h,
-    sa_w,
-    sb_n,
-    sb_c,
-    sb_h,
-    sb_w,
-    HAS_M: tl.constexpr,
-    HAS_NM: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    a_ptr, b_ptr, m_ptr, nm_ptr, pg_ptr, part_ptr,
+    C, H, W, G, K, Ho, Wo, WH, WW, SH, SW, PH, PW, NT,
+    sa_n, sa_c, sa_h, sa_w,
+    sb_n, sb_c, sb_h, sb_w,
+    HAS_M: tl.constexpr, HAS_NM: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     acc_t = pg_ptr.dtype.element_ty
     pid_ng = tl.program_id(0).to(tl.int64)  # n * G + g
@@ -180,24 +153,11 @@ def _sop_fwd_kernel(
 # --------------------------------------------------------------------------
 @triton.jit
 def _plane_sums_kernel(
-    a_ptr,
-    b_ptr,
-    m_ptr,
-    sums_ptr,
-    GK,
-    H,
-    W,
-    sa_n,
-    sa_c,
-    sa_h,
-    sa_w,
-    sb_n,
-    sb_c,
-    sb_h,
-    sb_w,
-    HAS_M: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_W: tl.constexpr,
+    a_ptr, b_ptr, m_ptr, sums_ptr,
+    GK, H, W,
+    sa_n, sa_c, sa_h, sa_w,
+    sb_n, sb_c, sb_h, sb_w,
+    HAS_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """sums[n, c, 0] = sum_hw a m, sums[n, c, 1] = sum_hw b m (c < G k)."""
     acc_t = sums_ptr.dtype.element_ty
@@ -229,17 +189,9 @@ def _plane_sums_kernel(
 
 @triton.jit
 def _sop_global_kernel(
-    sums_ptr,
-    nm_ptr,
-    pg_ptr,
-    dist_ptr,
-    C,
-    G,
-    K,
-    DIV,
-    HAS_NM: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    IS_FP64: tl.constexpr,
+    sums_ptr, nm_ptr, pg_ptr, dist_ptr,
+    C, G, K, DIV,
+    HAS_NM: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP64: tl.constexpr,
 ):
     """One program per image: groups in order, pooled_grad [N, G k, 1, 1] and dist."""
     acc_t = pg_ptr.dtype.element_ty
@@ -285,40 +237,12 @@ def _sop_bwd_window(s, pg_plane, r, cols, msk, Ho, Wo, SH, SW, PH, PW, WH, WW, t
 
 @triton.jit
 def _sop_bwd_kernel(
-    gd_ptr,
-    gd_s,
-    d_ptr,
-    d_s,
-    m_ptr,
-    nm_ptr,
-    pg_ptr,
-    g_ptr,
-    C,
-    H,
-    W,
-    GK,
-    Ho,
-    Wo,
-    WH,
-    WW,
-    SH,
-    SW,
-    PH,
-    PW,
-    NTH,
-    NTW,
-    sg_n,
-    sg_c,
-    sg_h,
-    sg_w,
-    HAS_M: tl.constexpr,
-    HAS_NM: tl.constexpr,
-    GLOBAL: tl.constexpr,
-    UNROLL: tl.constexpr,
-    NTH_C: tl.constexpr,
-    NTW_C: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_W: tl.constexpr,
+    gd_ptr, gd_s, d_ptr, d_s, m_ptr, nm_ptr, pg_ptr, g_ptr,
+    C, H, W, GK, Ho, Wo, WH, WW, SH, SW, PH, PW, NTH, NTW,
+    sg_n, sg_c, sg_h, sg_w,
+    HAS_M: tl.constexpr, HAS_NM: tl.constexpr, GLOBAL: tl.constexpr, UNROLL: tl.constexpr,
+    NTH_C: tl.constexpr, NTW_C: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     acc_t = pg_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)  # n * C + c
@@ -390,33 +314,13 @@ def _sop_forward_impl(student, teacher, spatial_mask, channel_mask, groups, wind
             m_ptr, nm_ptr, has_m, has_nm = mask_args(spatial_mask, channel_mask, sums)
             bh, bw = plane_blocks(h, w)
             _plane_sums_kernel[(n * gk,)](
-                student,
-                teacher,
-                m_ptr,
-                sums,
-                gk,
-                h,
-                w,
-                *strides4(student),
-                *strides4(teacher),
-                HAS_M=has_m,
-                BLOCK_H=bh,
-                BLOCK_W=bw,
-                num_warps=num_warps_for(bh * bw),
+                student, teacher, m_ptr, sums, gk, h, w,
+                *strides4(student), *strides4(teacher),
+                HAS_M=has_m, BLOCK_H=bh, BLOCK_W=bw, num_warps=num_warps_for(bh * bw),
             )
             _sop_global_kernel[(n,)](
-                sums,
-                nm_ptr,
-                pooled_grad,
-                dist,
-                c,
-                groups,
-                k,
-                window[0] * window[1],
-                HAS_NM=has_nm,
-                BLOCK_K=block_k,
-                IS_FP64=is64,
-                num_warps=clamp(block_k // 128, 1, 8),
+                sums, nm_ptr, pooled_grad, dist, c, groups, k, window[0] * window[1],
+                HAS_NM=has_nm, BLOCK_K=block_k, IS_FP64=is64, num_warps=clamp(block_k // 128, 1, 8),
             )
         else:
             npos = ho * wo
@@ -425,41 +329,18 @@ def _sop_forward_impl(student, teacher, spatial_mask, channel_mask, groups, wind
             part = torch.empty(n, groups * nt, dtype=acc, device=dev)
             m_ptr, nm_ptr, has_m, has_nm = mask_args(spatial_mask, channel_mask, part)
             _sop_fwd_kernel[(n * groups, nt)](
-                student,
-                teacher,
-                m_ptr,
-                nm_ptr,
-                pooled_grad,
-                part,
-                c,
-                h,
-                w,
-                groups,
-                k,
-                ho,
-                wo,
-                window[0],
-                window[1],
-                stride[0],
-                stride[1],
-                padding[0],
-                padding[1],
-                nt,
-                *strides4(student),
-                *strides4(teacher),
-                HAS_M=has_m,
-                HAS_NM=has_nm,
-                BLOCK_K=block_k,
-                BLOCK_P=block_p,
+                student, teacher, m_ptr, nm_ptr, pooled_grad, part,
+                c, h, w, groups, k, ho, wo, window[0], window[1], stride[0], stride[1], padding[0], padding[1], nt,
+                *strides4(student), *strides4(teacher),
+                HAS_M=has_m, HAS_NM=has_nm, BLOCK_K=block_k, BLOCK_P=block_p,
                 num_warps=num_warps_for(block_k * block_p),
             )
             rowsum_sqrt(part, dist)
     return dist, pooled_grad
 
 
-def _sop_backward_impl(
-    grad_dist, student, spatial_mask, channel_mask, dist, pooled_grad, groups, window, stride, padding
-):
+def _sop_backward_impl(grad_dist, student, spatial_mask, channel_mask, dist, pooled_grad, groups, window, stride,
+                       padding):
     check_features("sop_backward", student)
     check_masks("sop_backward", student, spatial_mask, channel_mask)
     window, stride, padding = as_int_list(window), as_int_list(stride), as_int_list(padding)
@@ -471,10 +352,8 @@ def _sop_backward_impl(
     check_vector("sop_backward", "grad_dist", grad_dist, n)
     check_vector("sop_backward", "dist", dist, n)
     if tuple(pooled_grad.shape) != (n, gk, ho, wo) or pooled_grad.dtype != acc:
-        raise ValueError(
-            f"lskd_triton: sop_backward: pooled_grad must be a {acc} [N, G k, Ho, Wo] = "
-            f"{[n, gk, ho, wo]} tensor, got {pooled_grad.dtype} {tuple(pooled_grad.shape)}"
-        )
+        raise ValueError(f"lskd_triton: sop_backward: pooled_grad must be a {acc} [N, G k, Ho, Wo] = "
+                         f"{[n, gk, ho, wo]} tensor, got {pooled_grad.dtype} {tuple(pooled_grad.shape)}")
     grad = torch.empty_like(student)
     if grad.numel() == 0:
         return grad
@@ -486,38 +365,12 @@ def _sop_backward_impl(
     unroll = nth * ntw <= 16
     with device_guard(student):
         _sop_bwd_kernel[(n * c,)](
-            grad_dist,
-            grad_dist.stride(0),
-            dist,
-            dist.stride(0),
-            m_ptr,
-            nm_ptr,
-            pooled_grad,
-            grad,
-            c,
-            h,
-            w,
-            gk,
-            ho,
-            wo,
-            window[0],
-            window[1],
-            stride[0],
-            stride[1],
-            padding[0],
-            padding[1],
-            nth,
-            ntw,
+            grad_dist, grad_dist.stride(0), dist, dist.stride(0), m_ptr, nm_ptr, pooled_grad, grad,
+            c, h, w, gk, ho, wo, window[0], window[1], stride[0], stride[1], padding[0], padding[1], nth, ntw,
             *strides4(grad),
-            HAS_M=has_m,
-            HAS_NM=has_nm,
-            GLOBAL=is_global,
-            UNROLL=unroll,
-            NTH_C=nth if unroll else 1,
-            NTW_C=ntw if unroll else 1,
-            BLOCK_H=bh,
-            BLOCK_W=bw,
-            num_warps=num_warps_for(bh * bw),
+            HAS_M=has_m, HAS_NM=has_nm, GLOBAL=is_global, UNROLL=unroll,
+            NTH_C=nth if unroll else 1, NTW_C=ntw if unroll else 1,
+            BLOCK_H=bh, BLOCK_W=bw, num_warps=num_warps_for(bh * bw),
         )
     return grad
 
@@ -562,6 +415,5 @@ def sop_backward(
     stride: List[int],
     padding: List[int],
 ) -> torch.Tensor:
-    return _sop_backward_impl(
-        grad_dist, student, spatial_mask, channel_mask, dist, pooled_grad, groups, window, stride, padding
-    )
+    return _sop_backward_impl(grad_dist, student, spatial_mask, channel_mask, dist, pooled_grad, groups, window,
+                              stride, padding)
