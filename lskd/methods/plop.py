@@ -273,8 +273,17 @@ class EntropyPseudoLabeler:
         return targets, factor
 
     # -- per-step statistics (device sums; read once in statistics()) ------------------
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Labelling inside this context is not counted in the statistics."""
+        saved = (self._sums, self._images)
+        try:
+            yield
+        finally:
+            self._sums, self._images = saved
+
     def reset_statistics(self) -> None:
-        """Clear the per-step sums (the trainer: at the start of each step)."""
+        """Clear the sums (the trainer: at the start of each epoch)."""
         self._sums: Optional[torch.Tensor] = None  # [3] float64: accepted, eligible, sum of factors
         self._images = 0
 
@@ -311,14 +320,9 @@ class PseudoLabelStatistics:
         """Read by the trainer at the end of each epoch: ``pseudo_accepted``, ``adaptive_factor``."""
         return self.labeler.statistics()
 
-    @contextlib.contextmanager
-    def statistics_paused(self) -> Iterator[None]:
-        """The labeler's sums are restored on exit: what ran inside is not counted."""
-        saved = (self.labeler._sums, self.labeler._images)
-        try:
-            yield
-        finally:
-            self.labeler._sums, self.labeler._images = saved
+    def statistics_paused(self) -> contextlib.AbstractContextManager:
+        """The labeler's :meth:`EntropyPseudoLabeler.paused`."""
+        return self.labeler.paused()
 
 
 def pseudo_labelled_ce(

@@ -21,7 +21,7 @@ from .config import RunError, TrainConfig
 from .distributed import DistContext
 from .metrics import confusion_matrix
 from .rundir import RunDir
-from .step import TRAINING_EXTRAS, build_model
+from .step import TRAINING_EXTRAS, build_model, progress_bar, unwrap
 
 if TYPE_CHECKING:  # pragma: no cover
     from .trainer import Trainer
@@ -46,7 +46,7 @@ def evaluate_model(
     ``dataset[i] -> (image [3, H, W], label [H, W])`` with the evaluation labels; logits are
     upsampled bilinearly to the label size and argmax-ed over all outputs.
     """
-    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    net = unwrap(model)
     was_training = net.training
     net.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
@@ -54,11 +54,7 @@ def evaluate_model(
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=max(1, batch_size), shuffle=False, num_workers=workers, collate_fn=pad_collate
         )
-        if progress:
-            from tqdm import tqdm
-
-            loader = tqdm(loader, total=len(loader), desc=desc, leave=False, dynamic_ncols=True)
-        for images, labels in loader:
+        for images, labels in progress_bar(loader, len(loader), desc, progress):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):

@@ -8,13 +8,14 @@ phase runs its upper-level update after the backward pass (:mod:`lskd.train.phas
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..models import DeepLabV3
-from .config import TrainingDiverged
+from .config import TrainConfig, TrainingDiverged
 
 if TYPE_CHECKING:  # pragma: no cover
     from .step import StepTrainer
@@ -55,7 +56,7 @@ def train_iteration(
         terms = method.terms(images, labels, s_out, t_out, bctx)
     total = weighting.total(terms)
     if not torch.isfinite(total):  # the one host synchronisation of an iteration
-        raise TrainingDiverged(diverged_message(where, terms, step.cfg.amp))
+        raise TrainingDiverged(diverged_message(where, terms, step.cfg))
     optimizer.zero_grad(set_to_none=True)
     # per-term gradients while the graph is alive (RGE / GradNorm; nothing for fixed weights)
     weighting.update(plain, terms, scaler.get_scale() if scaler.is_enabled() else 1.0)
@@ -67,15 +68,16 @@ def train_iteration(
     return terms, total
 
 
-def diverged_message(where: str, terms: Dict[str, torch.Tensor], amp: str) -> str:
-    """What went non-finite, where, and what to try."""
+def diverged_message(where: str, terms: Dict[str, torch.Tensor], cfg: TrainConfig) -> str:
+    """What went non-finite, where, and what to try (one host copy per term: the run is over)."""
     values = {k: float(v.detach()) for k, v in terms.items()}
-    bad = [k for k, v in values.items() if not torch.isfinite(torch.tensor(v))]
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
     first = ", ".join(bad) if bad else "the weighted total (every term finite; a weight is not)"
     hints = ["a lower --lr / --lr-next"]
-    if amp == "fp16":
+    if cfg.amp == "fp16":
         hints.append("--amp bf16 or none (fp16 overflows)")
-    hints.append("--weighting fixed" if bad == [] else "fixed --term-weights for the term(s) above")
+    if cfg.weighting != "fixed" or cfg.search != "none":
+        hints.append("--weighting fixed without --search (learnt weights can run away)")
     return (
         f"training diverged at {where}: non-finite loss term(s) {first} "
         f"(all terms: {', '.join(f'{k} {v:.4g}' for k, v in values.items())}); try {', or '.join(hints)}"

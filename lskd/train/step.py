@@ -76,7 +76,8 @@ def step_statistics(entries: List[dict]) -> Dict[str, float]:
     return {k: sum(p[k] for p in per_epoch) / len(per_epoch) for k in per_epoch[0]}
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
+def progress_bar(iterable, total: int, desc: str, enabled: bool):
+    """``iterable`` with a tqdm bar of ``total`` items when ``enabled`` (rank 0, a terminal)."""
     if not enabled:
         return iterable
     from tqdm import tqdm
@@ -217,10 +218,11 @@ class StepTrainer:
         torch.manual_seed(seed)  # the epochs reseed torch's RNG: training is unaffected
         batch = self._batches(len(self.subset), 0, 0)[:1]
         images, labels = (x.to(self.device) for x in next(iter(self.run.loader(self.subset, batch, seed))))
+        with autocast(self.device, self.run.amp_dtype):
+            t_out, bctx = method.teacher_forward(self.teacher, images, labels, self.ctx)
         for mode in ("train", "eval"):
             probe = copy.deepcopy(plain).train(mode == "train")  # a train-mode pass moves running stats
             with autocast(self.device, self.run.amp_dtype):
-                t_out, bctx = method.teacher_forward(self.teacher, images, labels, self.ctx)
                 terms = method.terms(images, labels, probe(images), t_out, bctx)
             self.bn_gap[mode] = {k: float(v) for k, v in terms.items()}
         gap = ", ".join(f"{k} {self.bn_gap['train'][k]:.4g}/{self.bn_gap['eval'][k]:.4g}" for k in self.bn_gap["train"])
@@ -260,7 +262,7 @@ class StepTrainer:
         means = EpochMeans()
         lr = self.base_lr
         desc = f"{self.what} epoch {epoch + 1}/{self.epochs}"
-        for i, (images, labels) in enumerate(_progress(loader, len(batches), desc, self.run.progress)):
+        for i, (images, labels) in enumerate(progress_bar(loader, len(batches), desc, self.run.progress)):
             it = epoch * self.per_epoch + i
             factor = (1.0 - it / self.total_iters) ** self.cfg.lr_power
             lr = self.base_lr * factor
