@@ -1,7 +1,7 @@
 """Build of lskd's extension lskd._C (the package metadata is in pyproject.toml).
 
-lskd._C always holds the C++ CPU kernels (csrc/*.cpp: schemas, autograd and
-fused ops; csrc/cpu/*.cpp, OpenMP).
+lskd._C always holds the op files (csrc/<op>.cpp: schemas, C++ autograd, fused
+loss ops) and the C++ CPU kernels (csrc/cpu/*.cpp, OpenMP).
 The CUDA kernels (csrc/cuda/*.cu) are added when a CUDA build of torch and
 nvcc are found, or when FORCE_CUDA=1 (which also works without a GPU, e.g. in
 CI). Environment:
@@ -20,6 +20,7 @@ built against the torch you already have.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -94,7 +95,7 @@ def _extensions():
         cpp_ext.CUDA_HOME = cuda_home
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    sources = _sources("", "*.cpp") + _sources("cpu", "*.cpp")  # csrc/*.cpp: schemas, autograd, fused ops
+    sources = _sources("", "*.cpp") + _sources("cpu", "*.cpp")  # csrc/<op>.cpp: schemas, autograd, fused ops
     include_dirs = [os.path.join(ROOT, "csrc")]
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     define_macros: list = []
@@ -133,13 +134,22 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def _source_hash():
+    """The fingerprint of csrc/ (lskd/_sources.py, loaded by path: lskd itself is not importable here)."""
+    spec = importlib.util.spec_from_file_location("_lskd_sources", os.path.join(ROOT, "lskd", "_sources.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.source_hash(os.path.join(ROOT, "csrc"))
+
+
 def _write_build_info(torch_version: str, with_cuda: bool) -> None:
-    """Record the torch the extension is built against; lskd checks it at import."""
+    """Record the torch and the sources the extension is built from; lskd checks both at import."""
     path = os.path.join(ROOT, "lskd", "_build_info.py")
     text = (
-        '"""Written by setup.py: the torch that lskd._C was built against."""\n'
+        '"""Written by setup.py: the torch and the sources (csrc/) that lskd._C was built from."""\n'
         f"TORCH_VERSION = {torch_version!r}\n"
         f"WITH_CUDA = {with_cuda!r}\n"
+        f"SOURCE_HASH = {_source_hash()!r}\n"
     )
     with open(path, "w") as fh:
         fh.write(text)

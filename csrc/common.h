@@ -37,7 +37,7 @@ inline Strides4 strides4(const at::Tensor& t) {
 
 constexpr int kMaxScales = 8;
 
-// The Local POD embedding layout of csrc/ops.cpp, passed by value to kernels.
+// The Local POD embedding layout of csrc/pod_distill.cpp, passed by value to kernels.
 struct PodLayout {
   int num_scales;
   int64_t s[kMaxScales];
@@ -112,13 +112,6 @@ inline std::pair<int64_t, int64_t> sop_geometry(const at::Tensor& a, int64_t gro
   TORCH_CHECK(Ho >= 1 && Wo >= 1, "lskd: sop: pooling window ", window, " does not fit a map of size ", a.size(2), "x",
               a.size(3));
   return {Ho, Wo};
-}
-
-// The argument checks of lskd::md_masks shared by its CPU and CUDA kernels.
-inline void check_md_masks_args(const at::Tensor& feat, const at::Tensor& labels) {
-  TORCH_CHECK(feat.dim() == 4, "lskd: md_masks: feat must be [N, C, H, W], got ", feat.sizes());
-  TORCH_CHECK(labels.dim() == 3 && labels.size(0) == feat.size(0) && labels.numel() > 0,
-              "lskd: md_masks: labels must be [N, Hl, Wl] with N = ", feat.size(0), ", got ", labels.sizes());
 }
 
 }  // namespace lskd

@@ -1,8 +1,9 @@
 """Triton backend of lskd (installed as ``lskd.kernels``).
 
 Importing the submodules registers the custom ops ``lskd_triton::pod_forward``,
-``pod_backward``, ``sop_forward``, ``sop_backward`` and ``md_stats`` (schemas as
-in csrc/ops.cpp). Fake kernels and autograd are registered in ``lskd/ops/``.
+``pod_backward``, ``sop_forward``, ``sop_backward`` and ``md_stats``, with the
+schemas of the C++ ops of those names (csrc/<op>.cpp; tests/test_extension.py
+checks that they agree). Fake kernels and autograd are registered in ``lskd/ops/``.
 Import this package only where triton is importable.
 """
 from . import md_stats, pod_distill, sop_distill  # noqa: F401  (registrations)

@@ -1,7 +1,8 @@
 """Launch helpers shared by the Triton kernels of lskd (pod, sop, md).
 
-Host side: accumulation dtype, argument checks, stride packing, mask presence
-flags, block and warp choice, device guard. Device side: two tiny jitted
+Host side: the accumulation dtype (lskd._dtypes.acc_dtype, re-exported for the
+kernels), argument checks, stride packing, mask presence flags, block and warp
+choice, device guard. Device side: two tiny jitted
 helpers (a square root that is exact in fp32 and fp64, and the fixed-order
 "sum a row of partials, take the square root" kernel that turns per-program
 partial sums into the per-image distance).
@@ -18,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lskd._dtypes import acc_dtype
+
 MAX_SCALES = 8  # as kMaxScales in csrc/common.h
 
 # Target number of elements of one register tile (per loaded tensor). The
@@ -26,13 +29,8 @@ TILE_ELEMS = 2048
 
 
 # --------------------------------------------------------------------------
-# dtypes
+# sizes
 # --------------------------------------------------------------------------
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 

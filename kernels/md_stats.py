@@ -1,6 +1,6 @@
 """Triton kernels of the MD mask statistics: lskd_triton::md_stats.
 
-Definitions: csrc/ops.cpp (header comment) and docs/MATHEMATICS.md §2.3.
+Definitions: csrc/md_stats.cpp (header comment) and docs/MATHEMATICS.md §2.3.
     cos_bg[n, h, w]  = <A, Cb> / (max(|A|, eps) max(|Cb|, eps))   (over channels)
     cos_new[n, h, w] = <A, Dn> / (max(|A|, eps) max(|Dn|, eps))
     gap_bg[n, c]  = |mean_hw Cb - mean_hw A|,  gap_new[n, c] = |mean_hw Dn - mean_hw A|

@@ -1,6 +1,6 @@
 """Triton kernels of the Local POD distance: lskd_triton::pod_forward / pod_backward.
 
-Definitions: csrc/ops.cpp (header comment) and docs/MATHEMATICS.md §2.1. For scale s,
+Definitions: csrc/pod_distill.cpp (header comment) and docs/MATHEMATICS.md §2.1. For scale s,
 kh = H // s, kw = W // s, Hs = s * kh, Ws = s * kw; the embedding of one
 (n, c) plane at offset off_s holds the width pools
     emb[off_s + j * Hs + r]          = mean_{col in [j kw, (j+1) kw)} z[r, col]

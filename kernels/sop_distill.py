@@ -1,6 +1,6 @@
 """Triton kernels of the second-order pooling distance: lskd_triton::sop_forward / sop_backward.
 
-Definitions: csrc/ops.cpp (header comment) and docs/MATHEMATICS.md §2.2. k = C // groups,
+Definitions: csrc/sop_distill.cpp (header comment) and docs/MATHEMATICS.md §2.2. k = C // groups,
 average pooling (window, stride, padding, divisor wh * ww) of x_a and x_b;
 at every pooled position and group p, q in R^k, u = p - q, v = p + q,
 term = 0.5 (|u|^2 |v|^2 + (u.v)^2), dist = sqrt(sum of terms),

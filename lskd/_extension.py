@@ -1,29 +1,46 @@
 """Loading of the compiled extension ``lskd._C``.
 
 Importing lskd never fails because of the extension: when it is missing, was
-built against another torch, or fails to load, a single warning says why and
-the "auto" backend falls back to Triton (on CUDA) or the reference.
+built against another torch, was built from other sources than those of this
+checkout (a stale build), or fails to load, a single warning says why and the
+"auto" backend falls back to Triton (on CUDA) or the reference.
 """
 
 from __future__ import annotations
 
 import importlib
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import torch
 
-__all__ = [
-    "load_error",
-    "has_cpu_kernels",
-    "has_cuda_kernels",
-    "has_cpp_autograd",
-    "has_cpp_distill_terms",
-    "has_cpp_md_masks",
-]
+from ._sources import source_hash
+
+__all__ = ["load_error", "has_cpu_kernels", "has_cuda_kernels"]
 
 _ERROR: Optional[str] = None
 _LOADED = False
+_REBUILD = "rebuild with `make build` or `pip install --no-build-isolation -e .`"
+
+
+def _checkout_sources() -> Optional[Path]:
+    """csrc/ of the source checkout lskd is imported from (an editable install), if any."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "setup.py").is_file() and (root / "csrc").is_dir():
+        return root / "csrc"
+    return None
+
+
+def _stale_reason(info) -> Optional[str]:
+    """Why the lskd._C next to this checkout's sources does not match them, or None."""
+    csrc = _checkout_sources()
+    if csrc is None:  # an installed package: its _C was built from the sources it shipped with
+        return None
+    built = getattr(info, "SOURCE_HASH", None)
+    if built is not None and built == source_hash(csrc):
+        return None
+    return f"lskd._C is stale: it was built from other sources than those in {csrc}; {_REBUILD}"
 
 
 def _load() -> None:
@@ -35,8 +52,12 @@ def _load() -> None:
     if info is not None and info.TORCH_VERSION != torch.__version__:
         _ERROR = (
             f"lskd._C was built against torch {info.TORCH_VERSION}, but torch {torch.__version__} "
-            "is installed; rebuild with `pip install --no-build-isolation -e .`"
+            f"is installed; {_REBUILD}"
         )
+        return
+    stale = _stale_reason(info)
+    if stale is not None:
+        _ERROR = stale
         return
     try:
         importlib.import_module("lskd._C")
@@ -61,22 +82,12 @@ def load_error() -> Optional[str]:
 
 
 def _has_kernel(op: str, key: str) -> bool:
-    if not _LOADED:
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
-    except RuntimeError:  # the operator does not exist (an lskd._C older than the sources)
-        return False
+    return _LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
 
 
 # Plain booleans, computed once: torch.compile can read them while tracing.
 _HAS_CPU = _has_kernel("lskd::pod_forward", "CPU")
 _HAS_CUDA = _has_kernel("lskd::pod_forward", "CUDA")
-_HAS_CPP_AUTOGRAD = all(
-    _has_kernel(f"lskd::{op}", "Autograd") for op in ("pod_forward", "sop_forward", "pod_distill", "sop_distill")
-)
-_HAS_CPP_MD_MASKS = _has_kernel("lskd::md_masks", "CPU")
-_HAS_CPP_DISTILL_TERMS = _has_kernel("lskd::distill_terms", "Autograd")
 
 
 def has_cpu_kernels() -> bool:
@@ -87,19 +98,3 @@ def has_cpu_kernels() -> bool:
 def has_cuda_kernels() -> bool:
     """True when lskd._C was built with its CUDA kernels."""
     return _HAS_CUDA
-
-
-def has_cpp_autograd() -> bool:
-    """True when lskd._C has the C++ autograd kernels and the fused loss ops
-    (lskd::pod_distill, lskd::sop_distill; csrc/autograd.cpp)."""
-    return _HAS_CPP_AUTOGRAD
-
-
-def has_cpp_distill_terms() -> bool:
-    """True when lskd._C has the several-terms op lskd::distill_terms (csrc/autograd.cpp)."""
-    return _HAS_CPP_DISTILL_TERMS
-
-
-def has_cpp_md_masks() -> bool:
-    """True when lskd._C has the one-op MD masks lskd::md_masks (csrc/md_masks.cpp)."""
-    return _HAS_CPP_MD_MASKS

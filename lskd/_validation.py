@@ -11,8 +11,9 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ._dtypes import acc_dtype
+
 __all__ = [
-    "acc_dtype",
     "check_features",
     "check_pair",
     "check_triple",
@@ -28,11 +29,6 @@ __all__ = [
 REDUCTIONS = ("mean", "sum", "none")
 # The reduction argument of the fused ops lskd::pod_distill / lskd::sop_distill (as at::Reduction).
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation (and output) dtype: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _shape(t: torch.Tensor) -> str:

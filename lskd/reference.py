@@ -18,6 +18,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._dtypes import acc_dtype
+
 __all__ = [
     "apply_masks",
     "pod_distances",
@@ -134,7 +136,7 @@ def md_statistics(
     ``gap_new [N, C]`` (absolute differences of the spatial means), in the
     accumulation dtype (float64 for float64 inputs, float32 otherwise).
     """
-    acc = torch.float64 if feat.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(feat.dtype)
     a, cb, dn = (t.detach().to(acc) for t in (feat, feat_bg_erased, feat_new_erased))
     cos_bg = F.cosine_similarity(a, cb, dim=1, eps=eps)
     cos_new = F.cosine_similarity(a, dn, dim=1, eps=eps)

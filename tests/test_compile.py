@@ -14,6 +14,7 @@ import torch
 from helpers import F64, channel_mask, features, raw_ops, small_shape, spatial_mask
 
 import lskd
+from lskd._dtypes import acc_dtype
 
 pytestmark = pytest.mark.compile
 
@@ -26,7 +27,7 @@ def _fresh_dynamo():
 
 
 def _masks(n, c, h, w, dtype, masked):
-    acc = F64 if dtype == F64 else torch.float32
+    acc = acc_dtype(dtype)
     if not masked:
         return None, None
     return torch.rand(n, h, w, dtype=acc), (torch.rand(n, c) < 0.7).to(acc)

@@ -1,8 +1,8 @@
 """lskd's CUDA kernels (csrc/cuda/*.cu), run on the CPU under the emulation of tests/cuda_emu.
 
 Without a GPU the CUDA sources can only be compiled and linked; these tests also
-*run* them. tests/cuda_emu/build.py compiles the .cu files (and the C++ autograd
-of csrc/autograd.cpp) as host code, the threads of a block as fibers with
+*run* them. tests/cuda_emu/build.py compiles the .cu files (and the op files
+csrc/<op>.cpp: schemas, C++ autograd) as host code, the threads of a block as fibers with
 barriers and warp operations (tests/cuda_emu/runtime.h), and loads them as
 ``torch.ops.lskd_emu``. The kernels' indexing, shared-memory staging, chunking,
 vectorised and strided paths, generic fallbacks, reductions and launch
@@ -87,7 +87,9 @@ def test_sources_convert():
         "sop_distill_cu.cpp",
         "md_stats_cu.cpp",
         "md_masks_cu.cpp",
-        "autograd.cpp",
+        "pod_distill.cpp",
+        "sop_distill.cpp",
+        "distill_terms.cpp",
     }
     with pytest.raises(RuntimeError, match="not converted"):
         emu_build.transform("void f() { k<<<1, 2>>>\n(x); }", "broken.cu")
@@ -261,7 +263,7 @@ def test_launches_per_call(emu):
     n_bwd, _ = launches(lambda: emu.sop_backward(torch.ones(2), s, None, None, dist, pooled, 3, [5, 5], [2, 2], [2, 2]))
     assert (n_fwd, n_bwd) == (2, 1)
     labels = torch.randint(0, 7, (2, 32, 32))
-    n_md, _ = launches(lambda: emu.md_masks(s, s * 0.5, s + 1, labels, 4, 255, 1e-8, False))
+    n_md, _ = launches(lambda: emu.md_masks(s, s * 0.5, s + 1, labels, 4, 255, 1e-8))
     assert n_md == 4  # md_stats (2) + label counts + selection
 
 
@@ -269,13 +271,18 @@ def test_launches_per_call(emu):
 
 
 def _check_md_masks(emu, a, cb, dn, labels, old=4, ignore=255):
-    """Emulated md_masks == the composite's masks on the emulated statistics (bitwise)."""
+    """Emulated md_masks == the rule's masks on the emulated statistics (bitwise), under this
+    torch's quantile rank rule (probed in C++ by the kernel, in Python by the rule) and both rules."""
     stats = emu.md_stats(a, cb, dn, 1e-8)
     ref = reference.md_statistics(a.double(), cb.double(), dn.double())
     for x, y, name in zip(stats, ref, ("cos_bg", "cos_new", "gap_bg", "gap_new")):
         tol = 1e-12 if a.dtype == torch.float64 else 1e-5
         assert torch.allclose(x.double(), y, rtol=tol, atol=tol, equal_nan=True), name
-    return check_masks_match_composite(emu.md_masks, stats, a, cb, dn, labels, old, ignore)
+
+    def set_rank_rule(rule):
+        emu.emu_set_float64_ranks(-1 if rule is None else int(rule))
+
+    return check_masks_match_composite(emu.md_masks, stats, a, cb, dn, labels, old, ignore, set_rank_rule)
 
 
 MD_CASES = [

@@ -3,10 +3,12 @@
 * test_expected_backends: CI names the backends that must be there
   (LSKD_EXPECT_BACKENDS on CPU, LSKD_EXPECT_GPU_BACKENDS on CUDA); a missing
   one fails here with the reason, instead of its tests silently not running.
-* Fallback: importing a copy of lskd whose lskd._C is missing, broken or built
-  against another torch warns once with the reason, and "auto" uses the
-  reference. Each case runs in a subprocess on a copy of the package in
-  tmp_path (the repository is never modified).
+* Fallback: importing a copy of lskd whose lskd._C is missing, broken, built
+  against another torch or built from other sources than those next to it
+  (stale) warns once with the reason, and "auto" uses the reference. Each case
+  runs in a subprocess on a copy of the package in tmp_path (the repository is
+  never modified).
+* The Triton ops have the schemas of the C++ ops of the same name.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import torch
 
 import lskd
 from lskd import _extension
-from lskd.ops._backends import BACKENDS, _unavailable
+from lskd.ops._backends import BACKENDS, _triton_error, _unavailable
 
 PKG = Path(lskd.__file__).resolve().parent
+ROOT = PKG.parent
 
 
 def _expected(var: str):
@@ -182,3 +185,37 @@ def test_copy_with_working_extension_has_no_warning(pkg_copy):
     assert res["load_error"] is None and res["c_imported"]
     assert res["auto"]["pod_distill"] == "cpu" and "cpu" in res["available"]
     assert res["cpu_error"] is None and res["pod_ok"] and res["sop_ok"]
+
+
+def test_stale_extension_is_refused(pkg_copy):
+    """With sources next to the package (a checkout), lskd._C loads only when it was built from them."""
+    if _extension.load_error() is not None:
+        pytest.skip(f"lskd._C is not loaded in this installation: {_extension.load_error()}")
+    shutil.copytree(ROOT / "csrc", pkg_copy / "csrc")
+    (pkg_copy / "setup.py").write_text("")
+    res = _probe(pkg_copy)
+    assert [w for w in res["warnings"] if "lskd._C" in w] == [] and res["c_imported"]
+    op_file = pkg_copy / "csrc" / "pod_distill.cpp"
+    op_file.write_text(op_file.read_text() + "// an edit after the build\n")
+    res = _probe(pkg_copy)
+    _assert_fallback(res, "lskd._C is stale")
+    assert "rebuild with `make build`" in res["load_error"]
+    assert not res["c_imported"], "a stale lskd._C must not even be loaded"
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+def test_triton_schemas_are_the_cpp_ones():
+    """Every lskd_triton op (kernels/<op>.py) has the schema of the lskd op of that name
+    (csrc/<op>.cpp) but for the namespace: a Triton schema that drifts from the C++ one fails here."""
+    if _extension.load_error() is not None:
+        pytest.skip(f"lskd._C is not loaded in this installation: {_extension.load_error()}")
+    if _triton_error():
+        pytest.skip(f"no Triton backend: {_triton_error()}")
+    names = sorted({n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("lskd_triton::")})
+    assert {"pod_forward", "pod_backward", "sop_forward", "sop_backward", "md_stats"} <= set(names)
+    for name in names:
+        triton_schema = str(getattr(torch.ops.lskd_triton, name).default._schema)
+        cpp_schema = str(getattr(torch.ops.lskd, name).default._schema)
+        assert triton_schema.replace("lskd_triton::", "lskd::", 1) == cpp_schema, name

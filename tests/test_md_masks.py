@@ -25,6 +25,7 @@ from helpers import (
 
 import lskd
 from lskd import reference
+from lskd._dtypes import acc_dtype
 from lskd.ops import batched_quantile, md_statistics
 
 SCENARIOS = ["mixed", "all_background", "all_old", "all_new", "ignore", "all_ignore", "o_covers_all", "per_image"]
@@ -45,7 +46,7 @@ def test_statistics_match_reference(backend, dtype, layout):
     a, cb, dn = stat_inputs(shape, dtype, layout)
     got = md_statistics(a, cb, dn, backend=backend)
     exp = reference.md_statistics(a.double(), cb.double(), dn.double())
-    acc = F64 if dtype == F64 else torch.float32
+    acc = acc_dtype(dtype)
     tol = 1e-12 if dtype == F64 else 2e-6
     for name, g, e in zip(("cos_bg", "cos_new", "gap_bg", "gap_new"), got, exp):
         assert g.dtype == acc and g.shape == e.shape, (name, g.dtype, g.shape)

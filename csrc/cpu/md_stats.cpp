@@ -1,5 +1,5 @@
 // Statistics of the MD masks (docs/MATHEMATICS.md section 2.3): CPU kernel of lskd::md_stats
-// (definition in csrc/ops.cpp).
+// (definition in csrc/md_stats.cpp).
 //
 // One pass over A, Cb, Dn. Work unit: one image and a block of rows (about
 // 2048 positions, fixed by W, so results do not depend on the thread count).

@@ -1,5 +1,5 @@
 // Local POD distance (docs/MATHEMATICS.md section 2.1): CPU kernels of lskd::pod_forward and
-// lskd::pod_backward (definitions in csrc/ops.cpp).
+// lskd::pod_backward (definitions in csrc/pod_distill.cpp).
 //
 // Work unit: one image and a block of channels (one channel when rows are
 // unit-stride, e.g. NCHW-contiguous; 16 channels otherwise, so that a

@@ -1,5 +1,5 @@
 // Second-order context pooling distance (docs/MATHEMATICS.md section 2.2, MCD): CPU kernels of
-// lskd::sop_forward and lskd::sop_backward (definitions in csrc/ops.cpp).
+// lskd::sop_forward and lskd::sop_backward (definitions in csrc/sop_distill.cpp).
 //
 // Forward work unit: one (image, group). The group's k channels of a * m and
 // b * m are average-pooled into per-thread scratch (vertical window sums of

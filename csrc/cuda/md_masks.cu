@@ -1,6 +1,6 @@
 // CUDA kernel of lskd::md_masks (the MD masks, docs/MATHEMATICS.md section 2.3). The schema is in
-// csrc/ops.cpp; the CPU implementation (ATen composite) and the spec of the
-// exact arithmetic is csrc/md_masks.cpp.
+// csrc/md_masks.cpp; the rule, down to the rounding of every operation, is lskd/ops/md_masks.py
+// (md_masks and batched_quantile), whose masks this kernel gives bit for bit.
 //
 // The statistics come from lskd::md_stats (called through the dispatcher, so
 // csrc/cuda/md_stats.cu). Then 2 launches, whatever N, with no sort and no
@@ -17,9 +17,10 @@
 //      q_old = (float)n_old / (float)total and q_new (float32 IEEE division,
 //      as torch's true division of an int64 sum by an int on the CPU), then
 //      for each of its two rows:
-//        - ranks as batched_quantile in md_masks.cpp: q in the values' dtype,
-//          rank = q * (L - 1) in float64 (float64_ranks or float64 values) or
-//          float32, lo = floor(rank), hi = ceil(rank), weight = rank - lo in
+//        - ranks as batched_quantile: q in the values' dtype, rank = q * (L - 1)
+//          in float64 (float64 values, or float32 values when this torch's
+//          quantile computes their ranks in float64: quantile_float64_ranks)
+//          or float32, lo = floor(rank), hi = ceil(rank), weight = rank - lo in
 //          the values' dtype;
 //        - loads the row once, as order-preserving unsigned keys, into
 //          dynamic shared memory (read from global memory instead when the row
@@ -48,10 +49,10 @@
 //   both give a zero of some sign for v_lo / v_hi and the same Q up to the
 //   sign of a zero, hence the same masks.
 #include "device_utils.cuh"
-#include "op_handles.h"
-
+#include "md_stats.h"
 
 #include <algorithm>
+#include <cmath>
 #include <tuple>
 
 namespace lskd {
@@ -136,7 +137,7 @@ struct KeyTraits<double> {
 };
 
 // ---------------------------------------------------------------------------
-// Ranks and interpolation of batched_quantile (csrc/md_masks.cpp).
+// Ranks and interpolation of batched_quantile (lskd/ops/md_masks.py).
 template <typename acc>
 struct Rank {
   int lo, hi;
@@ -425,20 +426,47 @@ void launch_select(int64_t N, int threads, size_t smem, cudaStream_t stream, con
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> md_masks_cuda(const at::Tensor& feat, const at::Tensor& feat_bg_erased,
-                                                 const at::Tensor& feat_new_erased, const at::Tensor& labels,
-                                                 int64_t old_classes, int64_t ignore_index, double eps,
-                                                 bool float64_ranks) {
-  check_md_masks_args(feat, labels);
+// Whether this torch's quantile computes the ranks q * (L - 1) of float32 values in float64
+// (newer versions do, pytorch/pytorch#187574) or in float32: the masks follow it to the bit.
+// Probed once, as lskd/ops/md_masks.py does: the weight of the lerp between 0 and 1 is the
+// rank's fractional part, which differs between the two.
+bool probe_quantile_float64_ranks() {
+  const at::Tensor values = at::zeros({67}, at::kFloat);
+  values.slice(0, 60).fill_(1.0);
+  const at::Tensor q = at::scalar_tensor(0.9037463665008545, at::kFloat);  // rank 59.647...
+  const double rank = static_cast<double>(q.item<float>()) * 66;
+  return at::quantile(values, q).item<float>() == static_cast<float>(rank - std::floor(rank));
+}
+
+bool quantile_float64_ranks() {
+#ifdef LSKD_CUDA_EMULATION
+  // The emulation runs the kernel under both rules (tests/test_cuda_emulated.py).
+  if (::lskd_emu_rt::device().float64_ranks >= 0) return ::lskd_emu_rt::device().float64_ranks != 0;
+#endif
+  static const bool probed = probe_quantile_float64_ranks();
+  return probed;
+}
+
+void check_md_masks_args(const at::Tensor& feat, const at::Tensor& labels) {
+  TORCH_CHECK(feat.dim() == 4, "lskd: md_masks: feat must be [N, C, H, W], got ", feat.sizes());
+  TORCH_CHECK(labels.dim() == 3 && labels.size(0) == feat.size(0) && labels.numel() > 0,
+              "lskd: md_masks: labels must be [N, Hl, Wl] with N = ", feat.size(0), ", got ", labels.sizes());
   check_cuda_input("md_masks", feat, "feat");
   TORCH_CHECK(labels.device() == feat.device(), "lskd: md_masks: labels are on ", labels.device(),
               " but the features are on ", feat.device());
   TORCH_CHECK(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
               "lskd: md_masks: labels must be an integer tensor, got ", labels.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> md_masks_cuda(const at::Tensor& feat, const at::Tensor& feat_bg_erased,
+                                                 const at::Tensor& feat_new_erased, const at::Tensor& labels,
+                                                 int64_t old_classes, int64_t ignore_index, double eps) {
+  check_md_masks_args(feat, labels);
+  const bool float64_ranks = quantile_float64_ranks();
   c10::cuda::CUDAGuard guard(feat.device());
   // Nothing here is differentiable (the outputs are bool): skip the autograd layer of md_stats.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const auto stats = md_stats_op().call(feat, feat_bg_erased, feat_new_erased, eps);
+  const auto stats = call_md_stats(feat, feat_bg_erased, feat_new_erased, eps);
   const at::Tensor cos_bg = std::get<0>(stats).contiguous(), cos_new = std::get<1>(stats).contiguous();
   const at::Tensor gap_bg = std::get<2>(stats).contiguous(), gap_new = std::get<3>(stats).contiguous();
   const int64_t N = feat.size(0), C = feat.size(1), H = feat.size(2), W = feat.size(3);

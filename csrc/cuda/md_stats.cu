@@ -1,5 +1,5 @@
 // CUDA kernels of lskd::md_stats (statistics of the MD masks, docs/MATHEMATICS.md section 2.3).
-// The definition is in csrc/ops.cpp.
+// The definition is in csrc/md_stats.cpp.
 //
 // One pass over A, Cb and Dn (2 launches):
 //   1. md_partial_kernel, one block per (n, channel chunk, position chunk).

@@ -1,5 +1,5 @@
 // CUDA kernels of lskd::pod_forward / lskd::pod_backward (Local POD, docs/MATHEMATICS.md section 2.1).
-// The definitions are in csrc/ops.cpp.
+// The definitions are in csrc/pod_distill.cpp.
 //
 // Column "atoms": the boundaries j * kw_s (all scales s, j = 0..s) and W cut
 // [0, W) into intervals; every width-pool segment of every scale is a union of

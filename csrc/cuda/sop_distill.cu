@@ -1,5 +1,5 @@
 // CUDA kernels of lskd::sop_forward / lskd::sop_backward (second-order
-// context pooling, docs/MATHEMATICS.md section 2.2). The definitions are in csrc/ops.cpp.
+// context pooling, docs/MATHEMATICS.md section 2.2). The definitions are in csrc/sop_distill.cpp.
 //
 // sop_forward (2 launches)
 //   1. sop_fwd_kernel, one block per (n, group, tile of pooled positions).

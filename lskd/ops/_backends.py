@@ -53,8 +53,7 @@ def _triton_error() -> str:
     except ImportError as exc:
         return f"triton is not installed ({exc})"
     try:
-        for name in ("pod_distill", "sop_distill", "md_stats"):
-            importlib.import_module(f"lskd.kernels.{name}")
+        importlib.import_module("lskd.kernels")  # registers every lskd_triton op
     except Exception as exc:  # a broken triton install must not break lskd
         return f"the Triton kernels failed to import ({type(exc).__name__}: {exc})"
     for hook in _TRITON_HOOKS:

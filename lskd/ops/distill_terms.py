@@ -5,9 +5,11 @@ each term pays its own Python call, validation, dispatcher round trip and
 autograd node: on a GPU that host time (about 0.1-0.2 ms per term) is longer
 than the kernels of the smaller maps. ``distill_terms`` takes the terms as a
 list and, for the "cpu" and "cuda" backends, runs them as ONE op
-(``lskd::distill_terms``, csrc/ops.cpp) with ONE C++ autograd node
-(csrc/autograd.cpp) that has one output per term. The kernels are those of
-pod_distill and sop_distill (csrc/cpu, csrc/cuda); nothing is recomputed.
+(``lskd::distill_terms``, csrc/distill_terms.cpp) with ONE C++ autograd node
+that has one output per term. The kernels are those of pod_distill and
+sop_distill (csrc/cpu, csrc/cuda); nothing is recomputed. Each term type
+(:class:`PodTerm`, :class:`SopTerm`) and the encoding of its parameters live in
+its op's module.
 
 A term whose output receives no gradient runs no backward kernel, so
 ``torch.autograd.grad(terms[i], ...)`` (per-term gradients, as RGE/GradNorm
@@ -19,43 +21,36 @@ The "reference" and "triton" backends run the terms one by one (same results).
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Union
+from typing import List, Sequence, Union
 
 import torch
 
 from .. import _extension
-from .._validation import acc_dtype, check_pair, check_scales, prepare_masks, reduction_code, sop_geometry
+from .._dtypes import acc_dtype
+from .._validation import check_pair, prepare_masks, reduction_code
 from ._backends import resolve_backend
-from .pod_distill import pod_distill
-from .sop_distill import sop_distill
+from .pod_distill import PodTerm, pod_distill
+from .pod_distill import _term_params as _pod_params
+from .sop_distill import SopTerm, sop_distill
+from .sop_distill import _term_params as _sop_params
 
 __all__ = ["PodTerm", "SopTerm", "Term", "distill_terms"]
 
-
-class PodTerm(NamedTuple):
-    """One :func:`lskd.pod_distill` term (same arguments and defaults)."""
-
-    student: torch.Tensor
-    teacher: torch.Tensor
-    spatial_mask: Optional[torch.Tensor] = None
-    channel_mask: Optional[torch.Tensor] = None
-    scales: Sequence[int] = (1, 2, 4)
-    square: bool = True
-
-
-class SopTerm(NamedTuple):
-    """One :func:`lskd.sop_distill` term (same arguments and defaults)."""
-
-    student: torch.Tensor
-    teacher: torch.Tensor
-    spatial_mask: Optional[torch.Tensor] = None
-    channel_mask: Optional[torch.Tensor] = None
-    groups: int = 20
-    window: Optional[int] = 5
-    stride: int = 2
-
-
 Term = Union[PodTerm, SopTerm]
+
+# Per term type: its kind in lskd::distill_terms (csrc/distill_terms.cpp), the encoding of its
+# parameters, and its single-term function (the term's fields are arguments of that function).
+_KINDS = {
+    PodTerm: (0, _pod_params, pod_distill),
+    SopTerm: (1, _sop_params, sop_distill),
+}
+
+
+def _kind_of(term: Term):
+    for cls, kind in _KINDS.items():
+        if isinstance(term, cls):
+            return kind
+    return None
 
 
 def _fake(student, teacher, spatial_mask, channel_mask, params, reduction):
@@ -66,20 +61,14 @@ def _fake(student, teacher, spatial_mask, channel_mask, params, reduction):
     return out
 
 
-_FUSED = _extension.has_cpp_distill_terms()
-if _FUSED:
+if _extension.has_cpu_kernels():
     torch.library.register_fake("lskd::distill_terms")(_fake)
 
 
 def _prepared(where: str, term: Term, cache: dict):
     """A checked term's masks as the kernels take them, and its params."""
-    n, c, h, w = term.student.shape
-    if isinstance(term, PodTerm):
-        scales = check_scales(where, term.scales, h, w)
-        params = [0, int(bool(term.square)), len(scales), *scales]
-    else:
-        win, strd, pad = sop_geometry(where, c, h, w, term.groups, term.window, term.stride)
-        params = [1, int(term.groups), *win, *strd, *pad]
+    kind, term_params, _ = _kind_of(term)
+    params = [kind, *term_params(where, term)]
     if term.spatial_mask is None and term.channel_mask is None:
         return None, None, params
     # The same masks often serve several terms (MD and MCD of one map): convert them once.
@@ -120,7 +109,7 @@ def distill_terms(terms: Sequence[Term], reduction: str = "mean", backend: str =
     code = reduction_code(op, reduction)
     device = None
     for i, term in enumerate(terms):
-        if not isinstance(term, (PodTerm, SopTerm)):
+        if _kind_of(term) is None:
             raise TypeError(f"{op}: term {i} must be a PodTerm or SopTerm, got {type(term).__name__}")
         check_pair(f"{op} (term {i})", term.student, term.teacher)
         if device is None:
@@ -130,7 +119,7 @@ def distill_terms(terms: Sequence[Term], reduction: str = "mean", backend: str =
     if device is None:
         return []
     impl = resolve_backend(op, backend, device)
-    if (impl == "cpu" or impl == "cuda") and _FUSED:
+    if impl == "cpu" or impl == "cuda":
         cache: dict = {}
         spatial, channel, params = [], [], []
         for i, term in enumerate(terms):
@@ -145,6 +134,5 @@ def distill_terms(terms: Sequence[Term], reduction: str = "mean", backend: str =
 
 
 def _one(term: Term, reduction: str, backend: str) -> torch.Tensor:
-    if isinstance(term, PodTerm):
-        return pod_distill(*term, reduction=reduction, backend=backend)
-    return sop_distill(*term, reduction=reduction, backend=backend)
+    # By name: the term's fields are that function's arguments, in whatever order it takes them.
+    return _kind_of(term)[2](**term._asdict(), reduction=reduction, backend=backend)

@@ -4,31 +4,34 @@ The statistics (cosine maps and channel-mean gaps of the teacher's features on
 the image, on the image with background/old pixels erased and on the image
 with new pixels erased) come from one fused pass: reference
 lskd.reference.md_statistics, CPU kernel csrc/cpu/md_stats.cpp, CUDA kernel
-csrc/cuda/md_stats.cu, Triton kernel kernels/md_stats.py. The per-image
-quantiles are then taken in batch, in PyTorch, without host synchronisation.
-For the "cpu" and "cuda" backends the statistics and the quantiles run in one
-C++ op, lskd::md_masks, for one Python call instead of about thirty: on the CPU
-csrc/md_masks.cpp (the same ATen calls as the Python code below), on CUDA
-csrc/cuda/md_masks.cu (radix select instead of sorts, 2 launches, the same
-arithmetic); the same masks bit for bit from the same statistics.
+csrc/cuda/md_stats.cu, Triton kernel kernels/md_stats.py (schema:
+csrc/md_stats.cpp). The per-image quantiles are then taken in batch, in
+PyTorch, without host synchronisation: :func:`md_masks_from_statistics`, the
+one rule of the masks. The "cuda" backend runs the statistics and the rule in
+one op, lskd::md_masks (csrc/md_masks.cpp, kernel csrc/cuda/md_masks.cu: radix
+select instead of sorts, 2 launches), which gives the rule's masks bit for bit
+from the same statistics. Every other backend runs the rule here: on the CPU a
+C++ copy of it would save about 0.06 ms of Python per call, a few per cent of
+the masks of the six LSKD maps, which does not pay for a second copy of the rule.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from .. import _extension, reference
+from .._dtypes import acc_dtype
 from .._validation import check_triple
 from ._backends import on_triton_load, resolve_backend
 
-__all__ = ["md_masks", "md_statistics", "batched_quantile"]
+__all__ = ["md_masks", "md_statistics", "md_masks_from_statistics", "batched_quantile"]
 
 
 def _fake_stats(feat, feat_bg_erased, feat_new_erased, eps):
     n, c, h, w = feat.shape
-    acc = torch.float64 if feat.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(feat.dtype)
     return (
         feat.new_empty((n, h, w), dtype=acc),
         feat.new_empty((n, h, w), dtype=acc),
@@ -37,23 +40,15 @@ def _fake_stats(feat, feat_bg_erased, feat_new_erased, eps):
     )
 
 
-def _fake_masks(feat, feat_bg_erased, feat_new_erased, labels, old_classes, ignore_index, eps, float64_ranks):
+def _fake_masks(feat, feat_bg_erased, feat_new_erased, labels, old_classes, ignore_index, eps):
     n, c, h, w = feat.shape
     return feat.new_empty((n, 1, h, w), dtype=torch.bool), feat.new_empty((n, c), dtype=torch.bool)
 
 
-def _register(ns: str) -> None:
-    torch.library.register_fake(f"{ns}::md_stats")(_fake_stats)
-    if ns == "lskd" and _extension.has_cpp_md_masks():
-        torch.library.register_fake(f"{ns}::md_masks")(_fake_masks)
-
-
 if _extension.has_cpu_kernels():
-    _register("lskd")
-on_triton_load(lambda: _register("lskd_triton"))
-# lskd::md_masks (csrc/md_masks.cpp, csrc/cuda/md_masks.cu): md_stats and the code of
-# md_masks below in one op, bitwise the same masks; used by the "cpu" and "cuda" backends.
-_ONE_OP = _extension.has_cpp_md_masks()
+    torch.library.register_fake("lskd::md_stats")(_fake_stats)
+    torch.library.register_fake("lskd::md_masks")(_fake_masks)
+on_triton_load(lambda: torch.library.register_fake("lskd_triton::md_stats")(_fake_stats))
 
 
 def _quantile_uses_float64_ranks() -> bool:
@@ -61,7 +56,8 @@ def _quantile_uses_float64_ranks() -> bool:
 
     Newer torch versions do (pytorch/pytorch#187574, all devices but MPS), older
     ones compute ``q * (L - 1)`` in the input dtype. Probed once: the weight of
-    the lerp between 0 and 1 is the rank's fractional part, which differs.
+    the lerp between 0 and 1 is the rank's fractional part, which differs. (The
+    CUDA kernel of lskd::md_masks probes it the same way.)
     """
     values = torch.zeros(67)
     values[60:] = 1.0
@@ -73,16 +69,20 @@ def _quantile_uses_float64_ranks() -> bool:
 _FLOAT64_RANKS = _quantile_uses_float64_ranks()
 
 
-def batched_quantile(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def batched_quantile(values: torch.Tensor, q: torch.Tensor, *, float64_ranks: Optional[bool] = None) -> torch.Tensor:
     """Per-row quantile with linear interpolation, like ``torch.quantile``.
 
     ``values [N, L]``, ``q [N]`` in [0, 1] -> ``[N]``. Rows holding a NaN give
     NaN. Same arithmetic as the installed torch.quantile (rank ``q * (L - 1)``
     in float64 or in the input dtype as that torch does, lerp in the input
     dtype), so the thresholds are bitwise those of the per-image released code.
+    ``float64_ranks`` overrides how the ranks of float32 values are computed
+    (None: as this torch does), to test a kernel under the other rule.
     """
+    if float64_ranks is None:
+        float64_ranks = _FLOAT64_RANKS and values.device.type != "mps"
     ordered = values.sort(dim=1).values
-    rank_dtype = torch.float64 if _FLOAT64_RANKS and values.device.type != "mps" else values.dtype
+    rank_dtype = torch.float64 if float64_ranks else values.dtype
     if q.dtype != values.dtype:
         q = q.to(values.dtype)
     ranks = q.to(rank_dtype) * (values.shape[1] - 1)
@@ -174,13 +174,31 @@ def md_masks(
         raise ValueError(f"{op}: old_classes must be an int >= 1 (background counts), got {old_classes!r}")
 
     impl = resolve_backend(op, backend, feat.device)
-    if (impl == "cpu" or impl == "cuda") and _ONE_OP and type(ignore_index) is int:
+    if impl == "cuda" and type(ignore_index) is int:
         a = feat.detach() if feat.requires_grad else feat
         cb = feat_bg_erased.detach() if feat_bg_erased.requires_grad else feat_bg_erased
         dn = feat_new_erased.detach() if feat_new_erased.requires_grad else feat_new_erased
-        return torch.ops.lskd.md_masks(a, cb, dn, labels, old_classes, ignore_index, float(eps), _FLOAT64_RANKS)
-    cos_bg, cos_new, gap_bg, gap_new = _statistics(op, feat, feat_bg_erased, feat_new_erased, eps, backend)
-    n, c, h, w = feat.shape
+        return torch.ops.lskd.md_masks(a, cb, dn, labels, old_classes, ignore_index, float(eps))
+    stats = _statistics(op, feat, feat_bg_erased, feat_new_erased, eps, backend)
+    return md_masks_from_statistics(stats, labels, old_classes, ignore_index)
+
+
+def md_masks_from_statistics(
+    stats: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    labels: torch.Tensor,
+    old_classes: int,
+    ignore_index: int = 255,
+    *,
+    float64_ranks: Optional[bool] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The masks of :func:`md_masks` from the statistics ``(cos_bg, cos_new, gap_bg, gap_new)``.
+
+    The rule of the masks, in one place: every backend runs it, and the CUDA kernel of
+    lskd::md_masks is tested bit for bit against it (``float64_ranks`` as in
+    :func:`batched_quantile`).
+    """
+    cos_bg, cos_new, gap_bg, gap_new = stats
+    n, h, w = cos_bg.shape
     total = labels[0].numel()
     is_old = labels < old_classes
     is_new = ~is_old & (labels != ignore_index)
@@ -190,7 +208,8 @@ def md_masks(
     # One sort for both cosine maps and one for both gap vectors (rows: bg then new).
     cos = torch.cat([cos_bg.reshape(n, -1), cos_new.reshape(n, -1)])
     gap = torch.cat([gap_bg, gap_new])
-    q_cos, q_gap = batched_quantile(cos, q)[:, None], batched_quantile(gap, q)[:, None]
+    q_cos = batched_quantile(cos, q, float64_ranks=float64_ranks)[:, None]
+    q_gap = batched_quantile(gap, q, float64_ranks=float64_ranks)[:, None]
     spatial = (cos[:n] >= q_cos[:n]) | (cos[n:] <= q_cos[n:])
     channel = (gap[:n] >= q_gap[:n]) | (gap[n:] <= q_gap[n:])
     return spatial.reshape(n, 1, h, w), channel

@@ -2,23 +2,23 @@
 
 Reference: lskd.reference.pod_distances. CPU kernel: csrc/cpu/pod_distill.cpp.
 CUDA kernel: csrc/cuda/pod_distill.cu. Triton kernel: kernels/pod_distill.py.
-Schema: csrc/ops.cpp. This module registers, once for the C++ ops ("lskd::")
-and once for the Triton ops ("lskd_triton::"), the fake kernels that
-torch.compile needs, and for the Triton ops the autograd formula (backward =
-the *_backward op). The C++ ops have C++ autograd kernels (csrc/autograd.cpp),
-and the "cpu"/"cuda" backends call lskd::pod_distill, which also reduces over
-the batch (one op and one autograd node per call).
+Schemas and C++ autograd: csrc/pod_distill.cpp. This module registers, once for
+the C++ ops ("lskd::") and once for the Triton ops ("lskd_triton::"), the fake
+kernels that torch.compile needs, and for the Triton ops the autograd formula
+(backward = the *_backward op). The "cpu"/"cuda" backends call
+lskd::pod_distill, which also reduces over the batch (one op and one autograd
+node per call). :class:`PodTerm` is a pod_distill term of lskd.distill_terms.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
 from .. import _extension, reference
+from .._dtypes import acc_dtype
 from .._validation import (
-    acc_dtype,
     check_pair,
     check_scales,
     pod_embedding_length,
@@ -28,7 +28,25 @@ from .._validation import (
 )
 from ._backends import on_triton_load, resolve_backend
 
-__all__ = ["pod_distill"]
+__all__ = ["pod_distill", "PodTerm"]
+
+
+class PodTerm(NamedTuple):
+    """One :func:`lskd.pod_distill` term of :func:`lskd.distill_terms` (same arguments and defaults)."""
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+    spatial_mask: Optional[torch.Tensor] = None
+    channel_mask: Optional[torch.Tensor] = None
+    scales: Sequence[int] = (1, 2, 4)
+    square: bool = True
+
+
+def _term_params(where: str, term: PodTerm) -> List[int]:
+    """The term's parameters in lskd::distill_terms' params, after its kind (read_pod_term, csrc/pod_distill.cpp)."""
+    _, _, h, w = term.student.shape
+    scales = check_scales(where, term.scales, h, w)
+    return [int(bool(term.square)), len(scales), *scales]
 
 
 def _fake_forward(student, teacher, spatial_mask, channel_mask, scales, square):
@@ -47,16 +65,19 @@ def _fake_distill(student, teacher, spatial_mask, channel_mask, scales, square, 
     return student.new_empty(shape, dtype=acc_dtype(student.dtype))
 
 
-def _register(ns: str) -> None:
-    forward = f"{ns}::pod_forward"
-    backward_op = getattr(torch.ops, ns).pod_backward
+def _register_cpp() -> None:
+    # Autograd of lskd::pod_forward and lskd::pod_distill is C++ (csrc/pod_distill.cpp).
+    torch.library.register_fake("lskd::pod_forward")(_fake_forward)
+    torch.library.register_fake("lskd::pod_backward")(_fake_backward)
+    torch.library.register_fake("lskd::pod_distill")(_fake_distill)
+
+
+def _register_triton() -> None:
+    forward = "lskd_triton::pod_forward"
+    backward_op = torch.ops.lskd_triton.pod_backward
 
     torch.library.register_fake(forward)(_fake_forward)
-    torch.library.register_fake(f"{ns}::pod_backward")(_fake_backward)
-    if ns == "lskd" and _extension.has_cpp_autograd():
-        # lskd::pod_forward and lskd::pod_distill have C++ autograd kernels (csrc/autograd.cpp).
-        torch.library.register_fake(f"{ns}::pod_distill")(_fake_distill)
-        return
+    torch.library.register_fake("lskd_triton::pod_backward")(_fake_backward)
 
     def setup_context(ctx, inputs, output):
         student, _teacher, spatial_mask, channel_mask, scales, square = inputs
@@ -78,9 +99,8 @@ def _register(ns: str) -> None:
 
 
 if _extension.has_cpu_kernels():
-    _register("lskd")
-_FUSED = _extension.has_cpp_autograd()  # lskd::pod_distill exists
-on_triton_load(lambda: _register("lskd_triton"))
+    _register_cpp()
+on_triton_load(_register_triton)
 
 
 def pod_distill(
@@ -122,7 +142,7 @@ def pod_distill(
     else:
         m, k = prepare_masks(op, student, spatial_mask, channel_mask)
     impl = resolve_backend(op, backend, student.device)
-    if (impl == "cpu" or impl == "cuda") and _FUSED:
+    if impl == "cpu" or impl == "cuda":
         # One op and one autograd node: the C++ forward and the reduction; the
         # C++ autograd kernel keeps the teacher and the masks out of the graph.
         return torch.ops.lskd.pod_distill(student, teacher, m, k, scales, bool(square), code)
@@ -137,6 +157,5 @@ def pod_distill(
             bool(square),
         )
     else:
-        ops = torch.ops.lskd_triton if impl == "triton" else torch.ops.lskd
-        dist, _ = ops.pod_forward(student, teacher.detach(), m, k, list(scales), bool(square))
+        dist, _ = torch.ops.lskd_triton.pod_forward(student, teacher.detach(), m, k, list(scales), bool(square))
     return reduce(dist, reduction)

@@ -2,24 +2,44 @@
 
 Reference: lskd.reference.sop_distances. CPU kernel: csrc/cpu/sop_distill.cpp.
 CUDA kernel: csrc/cuda/sop_distill.cu. Triton kernel: kernels/sop_distill.py.
-Schema: csrc/ops.cpp. Fake kernels are registered here for the C++ ("lskd::")
-and Triton ("lskd_triton::") ops, and the autograd formula for the Triton
-ops. The C++ ops have C++ autograd kernels (csrc/autograd.cpp), and the
-"cpu"/"cuda" backends call lskd::sop_distill, which also reduces over the
-batch (one op and one autograd node per call).
+Schemas and C++ autograd: csrc/sop_distill.cpp. Fake kernels are registered
+here for the C++ ("lskd::") and Triton ("lskd_triton::") ops, and the autograd
+formula for the Triton ops. The "cpu"/"cuda" backends call lskd::sop_distill,
+which also reduces over the batch (one op and one autograd node per call).
+:class:`SopTerm` is a sop_distill term of lskd.distill_terms.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 
 from .. import _extension, reference
-from .._validation import acc_dtype, check_pair, prepare_masks, reduce, reduction_code, sop_geometry
+from .._dtypes import acc_dtype
+from .._validation import check_pair, prepare_masks, reduce, reduction_code, sop_geometry
 from ._backends import on_triton_load, resolve_backend
 
-__all__ = ["sop_distill"]
+__all__ = ["sop_distill", "SopTerm"]
+
+
+class SopTerm(NamedTuple):
+    """One :func:`lskd.sop_distill` term of :func:`lskd.distill_terms` (same arguments and defaults)."""
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+    spatial_mask: Optional[torch.Tensor] = None
+    channel_mask: Optional[torch.Tensor] = None
+    groups: int = 20
+    window: Optional[int] = 5
+    stride: int = 2
+
+
+def _term_params(where: str, term: SopTerm) -> List[int]:
+    """The term's parameters in lskd::distill_terms' params, after its kind (read_sop_term, csrc/sop_distill.cpp)."""
+    _, c, h, w = term.student.shape
+    win, strd, pad = sop_geometry(where, c, h, w, term.groups, term.window, term.stride)
+    return [int(term.groups), *win, *strd, *pad]
 
 
 def _fake_forward(student, teacher, spatial_mask, channel_mask, groups, window, stride, padding):
@@ -40,16 +60,19 @@ def _fake_distill(student, teacher, spatial_mask, channel_mask, groups, window, 
     return student.new_empty(shape, dtype=acc_dtype(student.dtype))
 
 
-def _register(ns: str) -> None:
-    forward = f"{ns}::sop_forward"
-    backward_op = getattr(torch.ops, ns).sop_backward
+def _register_cpp() -> None:
+    # Autograd of lskd::sop_forward and lskd::sop_distill is C++ (csrc/sop_distill.cpp).
+    torch.library.register_fake("lskd::sop_forward")(_fake_forward)
+    torch.library.register_fake("lskd::sop_backward")(_fake_backward)
+    torch.library.register_fake("lskd::sop_distill")(_fake_distill)
+
+
+def _register_triton() -> None:
+    forward = "lskd_triton::sop_forward"
+    backward_op = torch.ops.lskd_triton.sop_backward
 
     torch.library.register_fake(forward)(_fake_forward)
-    torch.library.register_fake(f"{ns}::sop_backward")(_fake_backward)
-    if ns == "lskd" and _extension.has_cpp_autograd():
-        # lskd::sop_forward and lskd::sop_distill have C++ autograd kernels (csrc/autograd.cpp).
-        torch.library.register_fake(f"{ns}::sop_distill")(_fake_distill)
-        return
+    torch.library.register_fake("lskd_triton::sop_backward")(_fake_backward)
 
     def setup_context(ctx, inputs, output):
         student, _teacher, spatial_mask, channel_mask, groups, window, stride, padding = inputs
@@ -71,9 +94,8 @@ def _register(ns: str) -> None:
 
 
 if _extension.has_cpu_kernels():
-    _register("lskd")
-_FUSED = _extension.has_cpp_autograd()  # lskd::sop_distill exists
-on_triton_load(lambda: _register("lskd_triton"))
+    _register_cpp()
+on_triton_load(_register_triton)
 
 
 def sop_distill(
@@ -118,7 +140,7 @@ def sop_distill(
     else:
         m, k = prepare_masks(op, student, spatial_mask, channel_mask)
     impl = resolve_backend(op, backend, student.device)
-    if (impl == "cpu" or impl == "cuda") and _FUSED:
+    if impl == "cpu" or impl == "cuda":
         # One op and one autograd node: the C++ forward and the reduction; the
         # C++ autograd kernel keeps the teacher and the masks out of the graph.
         return torch.ops.lskd.sop_distill(student, teacher, m, k, groups, win, strd, pad, code)
@@ -128,6 +150,7 @@ def sop_distill(
             student.to(acc), teacher.to(acc), None if m is None else m[:, None], k, groups, window, stride
         )
     else:
-        ops = torch.ops.lskd_triton if impl == "triton" else torch.ops.lskd
-        dist, _ = ops.sop_forward(student, teacher.detach(), m, k, int(groups), list(win), list(strd), list(pad))
+        dist, _ = torch.ops.lskd_triton.sop_forward(
+            student, teacher.detach(), m, k, int(groups), list(win), list(strd), list(pad)
+        )
     return reduce(dist, reduction)

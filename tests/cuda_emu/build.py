@@ -1,7 +1,7 @@
 """Build the CPU emulation of lskd's CUDA kernels (test infrastructure).
 
-The CUDA sources (csrc/cuda/*.cu with csrc/cuda/device_utils.cuh, csrc/common.h,
-csrc/op_handles.h) and the C++ autograd kernels (csrc/autograd.cpp) are compiled
+The CUDA sources (csrc/cuda/*.cu with csrc/cuda/device_utils.cuh and csrc/*.h) and
+the op files (csrc/<op>.cpp: schemas, C++ autograd, fused loss kernels) are compiled
 as C++ for the CPU, with tests/cuda_emu/runtime.h force-included (fibers for the
 threads of a block, barriers, warp operations, shared memory; see there). A few
 textual changes make them host code:
@@ -15,13 +15,14 @@ textual changes make them host code:
     ``lskd_emu_rt::launch(kernel, grid, block, smem, stream)(args)``;
   * ``extern __shared__ ... smem_raw[]`` becomes the launch's dynamic shared memory.
 
-The schemas are csrc/ops.cpp's, under ``lskd_emu``. The result is loaded into
+The schemas are the op files', under ``lskd_emu``. The result is loaded into
 ``torch.ops.lskd_emu``: pod_forward/backward, sop_forward/backward, md_stats,
 md_masks (the CUDA kernels), pod_distill, sop_distill, distill_terms (the C++
-autograd and reduction of csrc/autograd.cpp around them), plus
-``emu_set_device(sms, smem_optin)``, ``emu_launches()`` (launches so far) and
-``emu_kernels()`` (the addresses of the kernels launched since the last call:
-which code path a call took).
+autograd and reduction of the op files around them), plus
+``emu_set_device(sms, smem_optin)``, ``emu_set_float64_ranks(rule)`` (md_masks'
+quantile rank rule: -1 as this torch, 0 float32, 1 float64), ``emu_launches()``
+(launches so far) and ``emu_kernels()`` (the addresses of the kernels launched
+since the last call: which code path a call took).
 
     python tests/cuda_emu/build.py      # build (about 2-3 minutes on 2 cores) and load
 """
@@ -54,19 +55,12 @@ def transform(text: str, name: str) -> str:
     return out
 
 
-def _schemas() -> str:
-    text = (CSRC / "ops.cpp").read_text()
-    m = re.search(r"TORCH_LIBRARY\(lskd, m\) \{(.*?)\n\}", text, re.S)
-    if m is None:
-        raise RuntimeError("cuda emulation: no TORCH_LIBRARY(lskd, m) block in csrc/ops.cpp")
-    return m.group(1)
-
-
 _EXTRA = r"""
 #include <torch/library.h>
 
-TORCH_LIBRARY(lskd_emu, m) {%s
+TORCH_LIBRARY(lskd_emu, m) {
   m.def("emu_set_device(int sms, int smem_optin) -> ()");
+  m.def("emu_set_float64_ranks(int rule) -> ()");
   m.def("emu_launches() -> int");
   m.def("emu_kernels() -> int[]");
 }
@@ -77,6 +71,7 @@ void emu_set_device(int64_t sms, int64_t smem_optin) {
   ::lskd_emu_rt::device().smem_optin = static_cast<int>(smem_optin);
   ::lskd_emu_rt::device().func_max_dyn_smem.clear();
 }
+void emu_set_float64_ranks(int64_t rule) { ::lskd_emu_rt::device().float64_ranks = static_cast<int>(rule); }
 int64_t emu_launches() { return ::lskd_emu_rt::device().launches; }
 // The addresses of the kernels launched since the last call.
 std::vector<int64_t> emu_kernels() {
@@ -88,6 +83,7 @@ std::vector<int64_t> emu_kernels() {
 
 TORCH_LIBRARY_IMPL(lskd_emu, CompositeExplicitAutograd, m) {
   m.impl("emu_set_device", &emu_set_device);
+  m.impl("emu_set_float64_ranks", &emu_set_float64_ranks);
   m.impl("emu_launches", &emu_launches);
   m.impl("emu_kernels", &emu_kernels);
 }
@@ -105,13 +101,16 @@ def sources() -> list:
             path.write_text(text)
         return path
 
-    for h in ("common.h", "op_handles.h"):
-        write(src / h, transform((CSRC / h).read_text(), h))
-    write(src / "device_utils.cuh", transform((CSRC / "cuda" / "device_utils.cuh").read_text(), "device_utils.cuh"))
+    for h in sorted(CSRC.glob("*.h")) + [CSRC / "cuda" / "device_utils.cuh"]:
+        write(src / h.name, transform(h.read_text(), h.name))
     for cu in sorted((CSRC / "cuda").glob("*.cu")):
         files.append(write(src / (cu.stem + "_cu.cpp"), transform(cu.read_text(), cu.name)))
-    files.append(write(src / "autograd.cpp", transform((CSRC / "autograd.cpp").read_text(), "autograd.cpp")))
-    files.append(write(src / "emu_ops.cpp", _EXTRA % _schemas()))
+    # The op files (not csrc/cpu: the emulated CUDA kernels take the CPU dispatch key), less the
+    # Python module's entry point.
+    for cpp in sorted(CSRC.glob("*.cpp")):
+        if cpp.name != "extension.cpp":
+            files.append(write(src / cpp.name, transform(cpp.read_text(), cpp.name)))
+    files.append(write(src / "emu_ops.cpp", _EXTRA))
     return files
 
 
