@@ -33,8 +33,6 @@ CPU_MAPS: List[Tuple[int, int, int, int]] = [
 ]
 CPU_EXTRA = [(2, 256, 64, 64)]
 
-MAP_NAMES = ["stage1", "stage2", "stage3", "stage4", "aspp", "logits"]
-
 
 def on_gpu() -> bool:
     return torch.cuda.is_available() and os.environ.get("LSKD_BENCH_DEVICE", "cuda") == "cuda"

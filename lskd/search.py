@@ -3,10 +3,10 @@ r"""Bi-level search of LSKD's per-map distillation schemes and weights (the math
 Search space
 ============
 LSKD distils the maps ``l`` in ``maps`` (a subset of 0..5) with one scheme each out of
-:data:`lskd.methods.lskd.SCHEMES` = ``("pod", "md", "md+mcd", "none")``. In terms of the
-*basic* named loss terms of a training batch (what :class:`lskd.methods.lskd.LSKD` calls
-``pod{l}``, ``md{l}`` and the MCD term :func:`mcd_name` ``(l)``, which is ``"mcd"`` on map 4
-for compatibility with the released code and ``"mcd{l}"`` elsewhere) the candidate losses are::
+:data:`lskd.terms.SCHEMES` = ``("pod", "md", "md+mcd", "none")``. In terms of the
+*basic* named loss terms of a training batch (:mod:`lskd.terms`: ``pod{l}``, ``md{l}`` and the
+MCD term :func:`lskd.terms.mcd_name` ``(l)``, which is ``"mcd"`` on map 4 for compatibility
+with the released code and ``"mcd{l}"`` elsewhere) the candidate losses are::
 
     L_{l,pod} = pod{l}      L_{l,md} = md{l}      L_{l,md+mcd} = md{l} + mcd_name(l)      L_{l,none} = 0
 
@@ -100,8 +100,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import terms
 from ._dist import average_over_ranks_
-from .methods.lskd import SCHEMES
+from .terms import NUM_MAPS, SCHEMES, mcd_name
 from .weighting import Weighting
 
 __all__ = [
@@ -113,16 +114,8 @@ __all__ = [
     "SearchWeighting",
 ]
 
-#: Maps 0..5 can be searched (map 5 is the logits map).
-NUM_MAPS = 6
-
 TermsFn = Callable[[], Mapping[str, Tensor]]
 LossFn = Callable[[], Tensor]
-
-
-def mcd_name(l: int) -> str:
-    """Name of the MCD term of map ``l``: ``"mcd"`` on map 4 (the released name), else ``"mcd{l}"``."""
-    return "mcd" if l == 4 else f"mcd{l}"
 
 
 def _check_map(l: Any) -> int:
@@ -144,22 +137,15 @@ def _check_scheme(s: Any) -> str:
 
 
 def candidate_terms(l: int, scheme: str) -> Tuple[str, ...]:
-    """Basic term names whose sum is the candidate loss ``L_{l,scheme}`` (``()`` for ``"none"``)."""
-    l = _check_map(l)
-    scheme = _check_scheme(scheme)
-    if scheme == "pod":
-        return (f"pod{l}",)
-    if scheme == "md":
-        return (f"md{l}",)
-    if scheme == "md+mcd":
-        return (f"md{l}", mcd_name(l))
-    return ()
+    """Basic term names whose sum is the candidate loss ``L_{l,scheme}`` (``()`` for ``"none"``;
+    :func:`lskd.terms.scheme_terms`, with the map and scheme checked)."""
+    return terms.scheme_terms(_check_map(l), _check_scheme(scheme))
 
 
 def basic_term_names(l: int) -> Tuple[str, str, str]:
-    """The three basic term names of map ``l``: ``(pod{l}, md{l}, mcd_name(l))``."""
-    l = _check_map(l)
-    return (f"pod{l}", f"md{l}", mcd_name(l))
+    """The three basic term names of map ``l``: ``(pod{l}, md{l}, mcd_name(l))`` (:func:`lskd.terms.basic_term_names`,
+    with the map checked)."""
+    return terms.basic_term_names(_check_map(l))
 
 
 def _as_scalar(name: str, value: Any) -> Tensor:
@@ -267,7 +253,7 @@ class SchemeSearch(nn.Module):
 
     def term_weight_tensors(self) -> Dict[str, Tensor]:
         """Detached 0-dim weight per basic term name of every searched map (``pod{l}``, ``md{l}``,
-        :func:`mcd_name` ``(l)``); 0 for a name no candidate uses. On the alpha device (no sync)."""
+        :func:`lskd.terms.mcd_name` ``(l)``); 0 for a name no candidate uses. On the alpha device (no sync)."""
         c = self.coefficients().detach()
         out: Dict[str, Tensor] = {}
         for name, slots in self._term_slots.items():

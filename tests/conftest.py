@@ -61,7 +61,8 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers",
         "backend_params(argnames, default, triton=...): parametrize (backend, *argnames) jointly, "
-        "with a smaller list of values for Triton (slow under the interpreter)",
+        "with a smaller list of values for Triton (slow under the interpreter); a list given as a "
+        "string names an attribute of the test's class",
     )
 
 
@@ -85,7 +86,17 @@ def pytest_collection_modifyitems(config, items):
 def _id(value) -> str:
     if isinstance(value, torch.dtype):
         return str(value).replace("torch.", "")
+    if isinstance(value, dict):  # op parameters
+        return ",".join(f"{k}={_id(v)}" for k, v in value.items())
     return str(value)
+
+
+def _marker_values(metafunc, values) -> list:
+    """A marker's values, or the name of the test class's attribute that holds them (a shared
+    test base whose subclasses supply the values, tests/op_tester.py)."""
+    if isinstance(values, str):
+        values = getattr(metafunc.cls, values)
+    return list(values)
 
 
 def _backend_ids(backends):
@@ -100,8 +111,8 @@ def pytest_generate_tests(metafunc):
         per_backend = metafunc.definition.get_closest_marker("backend_params")
         if per_backend is not None:
             argnames = [a.strip() for a in per_backend.args[0].split(",")]
-            default = list(per_backend.args[1])
-            triton = list(per_backend.kwargs.get("triton", default))
+            default = _marker_values(metafunc, per_backend.args[1])
+            triton = _marker_values(metafunc, per_backend.kwargs.get("triton", default))
             params, ids = [], []
             for b in backends:
                 for v in triton if b == "triton" else default:

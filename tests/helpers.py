@@ -18,7 +18,9 @@ import torch
 
 import lskd
 from lskd import reference
+from lskd._dtypes import acc_dtype
 from lskd.ops import md_statistics
+from lskd.ops.md_masks import md_masks_from_statistics
 
 F64 = torch.float64
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -30,10 +32,6 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def dtype_id(dtype: torch.dtype) -> str:
     return DTYPE_IDS[dtype]
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return F64 if dtype == F64 else torch.float32
 
 
 # --------------------------------------------------------------------------- tolerances
@@ -84,12 +82,17 @@ def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
         return big[:, :, :h, ::2]
     if layout == "transposed":  # N, C, W, H in memory
         return t.transpose(2, 3).contiguous().transpose(2, 3)
+    if layout == "misaligned":  # padded rows, storage offset of one element: vector loads are misaligned
+        n, c, h, w = t.shape
+        big = t.new_zeros((n, c, h, w + 3))
+        big[..., 1 : w + 1] = t
+        return big[..., 1 : w + 1]
     raise ValueError(layout)
 
 
 def features(shape: Sequence[int], dtype: torch.dtype, device="cpu", layout: str = "contiguous") -> torch.Tensor:
     """Standard normal features rounded to ``dtype`` (drawn from the global torch seed)."""
-    x = torch.randn(tuple(shape), dtype=torch.float64 if dtype == F64 else torch.float32, device=device)
+    x = torch.randn(tuple(shape), dtype=acc_dtype(dtype), device=device)
     return to_layout(x.to(dtype), layout)
 
 
@@ -112,7 +115,7 @@ def _mask(kind: str, shape, dtype: torch.dtype, device) -> Optional[torch.Tensor
     if kind == "bool":
         return torch.rand(shape, device=device) < 0.6
     if kind == "float":
-        return torch.rand(shape, dtype=torch.float64 if dtype == F64 else torch.float32, device=device).to(dtype)
+        return torch.rand(shape, dtype=acc_dtype(dtype), device=device).to(dtype)
     raise ValueError(kind)
 
 
@@ -127,6 +130,17 @@ class Limits:
     sop_budget: int = 6_000_000  # elements of the float64 oracle's outer products N * G * P * k * k
     max_elements: int = 600_000  # N * C * H * W
 
+
+# The feature maps LSKD distils (DeepLabV3-ResNet101, 512x512 crops, output stride 16) at N = 2:
+# stages 1-4, ASPP, logits (docs/MATHEMATICS.md §1.2).
+LSKD_SHAPES = [
+    (2, 256, 128, 128),
+    (2, 512, 64, 64),
+    (2, 1024, 32, 32),
+    (2, 2048, 32, 32),
+    (2, 256, 32, 32),
+    (2, 16, 32, 32),
+]
 
 # Triton runs under the interpreter on CPU: few, small cases.
 LIMITS = {"default": Limits(), "triton": Limits(n=(1, 2), c=(1, 24), hw=(1, 14), sop_budget=200_000)}
@@ -358,6 +372,56 @@ MASK_COMBOS_TRITON = [
     ("none", "bool"),
 ]
 DTYPES_TRITON = (torch.float32, torch.float16)
+
+
+# --------------------------------------------------------------------------- the raw ops' outputs
+
+
+def pod_schema_reference(student, teacher, sm, cm, scales, square):
+    """Float64 ``(dist [N], emb [N, C, L])`` as the raw ``pod_forward`` defines them (csrc/pod_distill.cpp):
+    ``emb`` holds, per scale s, the width pools (region column j, row r: index ``j * Hs + r``) then
+    the height pools (region row i, column q: ``i * Ws + q``) of ``z = x_a^2 - x_b^2`` (``x_a - x_b``
+    unless ``square``), x the masked maps (``sm [N, 1, H, W]``, ``cm [N, C]`` or None)."""
+    xa = reference.apply_masks(student.to(F64), sm, cm)
+    xb = reference.apply_masks(teacher.detach().to(F64), sm, cm)
+    z = xa * xa - xb * xb if square else xa - xb
+    n, c, h, w = z.shape
+    parts = []
+    for s in scales:
+        kh, kw = h // s, w // s
+        zs = z[:, :, : s * kh, : s * kw]
+        parts.append(zs.reshape(n, c, s * kh, s, kw).mean(-1).transpose(2, 3).reshape(n, c, -1))
+        parts.append(zs.reshape(n, c, s, kh, s * kw).mean(3).reshape(n, c, -1))
+    emb = torch.cat(parts, dim=2)
+    return emb.flatten(1).norm(dim=1), emb
+
+
+def sop_schema_reference(student, teacher, sm, cm, groups, window, stride, padding):
+    """Float64 ``(dist [N], pooled_grad [N, G * k, Ho, Wo])`` as the raw ``sop_forward`` defines them
+    (csrc/sop_distill.cpp), for any (height, width) pairs ``window``, ``stride``, ``padding`` (the
+    op's generality; lskd.reference.sop_distances has the released geometry only).
+
+    With p, q the average pools (``count_include_pad``) of the masked student and teacher channels
+    ``[:G * k]``, ``u = p - q`` and ``v = p + q`` per group and position:
+    ``dist^2 = sum 0.5 (|u|^2 |v|^2 + (u.v)^2)`` (= ``||p p^T - q q^T||_F^2``) and
+    ``pooled_grad = d(dist^2)/dp = (|v|^2 + u.v) u + (|u|^2 + u.v) v``. Differentiable in ``student``."""
+    xa = reference.apply_masks(student.to(F64), sm, cm)
+    xb = reference.apply_masks(teacher.detach().to(F64), sm, cm)
+    n, c = xa.shape[:2]
+    k = c // groups
+
+    def pool(x):  # contiguous(): see the avg_pool2d note in lskd.reference.sop_embedding
+        x = x[:, : groups * k].contiguous()
+        return torch.nn.functional.avg_pool2d(x, tuple(window), tuple(stride), tuple(padding), count_include_pad=True)
+
+    p, q = pool(xa), pool(xb)
+    ho, wo = p.shape[-2:]
+    u = (p - q).reshape(n, groups, k, ho, wo)
+    v = (p + q).reshape(n, groups, k, ho, wo)
+    uu, vv, uv = (u * u).sum(2, keepdim=True), (v * v).sum(2, keepdim=True), (u * v).sum(2, keepdim=True)
+    dist = (0.5 * (uu * vv + uv * uv)).flatten(1).sum(1).sqrt()
+    pooled_grad = ((vv + uv) * u + (uu + uv) * v).reshape(n, groups * k, ho, wo)
+    return dist, pooled_grad
 
 
 # --------------------------------------------------------------------------- checks shared by pod and sop
@@ -605,44 +669,22 @@ def md_labels(n, hl, wl, dtype, scenario, g):
     return torch.stack(out).to(dtype)
 
 
-def composite_quantile(values, q, float64_ranks):
-    """lskd.ops.md_masks.batched_quantile with an explicit float64_ranks (CPU)."""
-    ordered = values.sort(dim=1).values
-    rank_dtype = torch.float64 if float64_ranks else values.dtype
-    q = q.to(values.dtype)
-    ranks = q.to(rank_dtype) * (values.shape[1] - 1)
-    below = ranks.floor()
-    weight = (ranks - below).to(values.dtype).unsqueeze(1)
-    out = torch.lerp(
-        ordered.gather(1, below.long().unsqueeze(1)), ordered.gather(1, ranks.ceil().long().unsqueeze(1)), weight
-    ).squeeze(1)
-    return out.masked_fill(ordered[:, -1].isnan(), float("nan"))
-
-
-def composite_masks(stats, labels, old, ignore, float64_ranks):
-    """The code of lskd.ops.md_masks.md_masks / csrc/md_masks.cpp, on CPU copies of the statistics."""
-    cos_bg, cos_new, gap_bg, gap_new = (s.cpu() for s in stats)
-    labels = labels.cpu()
-    n, h, w = cos_bg.shape
-    is_old = labels < old
-    is_new = ~is_old & (labels != ignore)
-    q = torch.cat([is_old, is_new]).sum(dim=(1, 2)) / labels[0].numel()
-    cos = torch.cat([cos_bg.reshape(n, -1), cos_new.reshape(n, -1)])
-    gap = torch.cat([gap_bg, gap_new])
-    q_cos = composite_quantile(cos, q, float64_ranks)[:, None]
-    q_gap = composite_quantile(gap, q, float64_ranks)[:, None]
-    spatial = (cos[:n] >= q_cos[:n]) | (cos[n:] <= q_cos[n:])
-    channel = (gap[:n] >= q_gap[:n]) | (gap[n:] <= q_gap[n:])
-    return spatial.reshape(n, 1, h, w), channel
-
-
-def check_masks_match_composite(md_masks_op, stats, a, cb, dn, labels, old=4, ignore=255):
-    """``md_masks_op`` (an op with the schema of lskd::md_masks) gives the composite's masks on
-    the same statistics, bit for bit, with float32 and float64 ranks; returns the last masks."""
+def check_masks_match_composite(md_masks_op, stats, a, cb, dn, labels, old=4, ignore=255, set_rank_rule=None):
+    """``md_masks_op`` (an op with the schema of lskd::md_masks) gives the masks of the rule
+    (lskd.ops.md_masks.md_masks_from_statistics) on the same statistics, evaluated on the CPU,
+    bit for bit; returns the last masks. ``set_rank_rule(float64_ranks)`` (None: as this torch)
+    makes the op follow a quantile rank rule: then every rule is checked, else this torch's."""
     n, c, h, w = a.shape
-    for float64_ranks in (False, True):
-        sm, cm = md_masks_op(a, cb, dn, labels, old, ignore, 1e-8, float64_ranks)
-        esm, ecm = composite_masks(stats, labels, old, ignore, float64_ranks)
+    cpu_stats = [s.cpu() for s in stats]
+    for rule in (None, False, True) if set_rank_rule is not None else (None,):
+        if set_rank_rule is not None:
+            set_rank_rule(rule)
+        try:
+            sm, cm = md_masks_op(a, cb, dn, labels, old, ignore, 1e-8)
+        finally:
+            if set_rank_rule is not None:
+                set_rank_rule(None)
+        esm, ecm = md_masks_from_statistics(cpu_stats, labels.cpu(), old, ignore, float64_ranks=rule)
         assert sm.dtype == torch.bool and cm.dtype == torch.bool and sm.device == a.device
         assert sm.shape == (n, 1, h, w) and cm.shape == (n, c)
         assert torch.equal(sm.cpu(), esm), f"spatial masks differ at {(sm.cpu() != esm).nonzero()[:5].tolist()}"

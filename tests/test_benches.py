@@ -1,7 +1,8 @@
 """The benchmark tooling stays runnable: summarize.py on committed results, profile_loss.py,
-warm_compile.py and CPU dry runs of gpu_check.sh (its profile stage, its time budget, the
-background compile warm-up that it must kill), as the GPU machine is lent rarely: a script that
-rots between two loans costs a whole device session."""
+warm_compile.py, cuda_selftest.py (its small cases on the CPU kernels) and CPU dry runs of
+gpu_check.sh (its profile and selftest stages, its time budget, the background compile warm-up
+that it must kill), as the GPU machine is lent rarely: a script that rots between two loans costs
+a whole device session."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
+import torch
+
+import lskd
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "LSKD_BENCH_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
@@ -52,6 +58,33 @@ def test_profile_loss_runs(tmp_path):
     res = json.loads(out.read_text())["results"]
     assert [x["workload"] for x in res] == ["loss fused", "loss per-term", "md_masks six maps"]
     assert all(x["wall_ms"] > 0 and x["host_ops"] for x in res)
+
+
+def test_cuda_selftest_dry_run_on_the_cpu_kernels():
+    """benches/cuda_selftest.py's small cases (--smoke) against the CPU kernels: its inputs, layouts,
+    masks, references and checks run as on the GPU (only the NaN poisoning of the allocator is CUDA's)."""
+    if "cpu" not in lskd.available_backends("cpu"):
+        pytest.skip("lskd._C has no CPU kernels")
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benches" / "cuda_selftest.py"), "--device", "cpu", "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(r"^# summary: \d+ passed, 0 failed$", r.stdout, re.M), r.stdout[-3000:]
+    kinds = {line.split()[1] for line in r.stdout.splitlines() if line.startswith("PASS ")}
+    assert kinds == {"pod", "sop", "md"}, kinds
+
+
+def test_gpu_check_selftest_stage_without_a_gpu(tmp_path):
+    """gpu_check.sh's selftest stage calls the self-test as the GPU machine does; without a GPU it skips."""
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the stage runs the whole self-test")
+    r, _, log = _gpu_check(tmp_path, STAGES="selftest")
+    assert r.returncode == 0 and "done, status 0" in r.stdout, log
+    assert "SKIP cuda_selftest: no CUDA device visible" in (tmp_path / "out" / "selftest.log").read_text()
 
 
 def _gpu_check(tmp_path, **env):

@@ -15,6 +15,7 @@ import random
 import pytest
 import torch
 from helpers import (
+    LSKD_SHAPES,
     POD,
     SOP,
     channel_mask,
@@ -25,7 +26,6 @@ from helpers import (
     check_md_masks_ties_and_nan,
     check_nan_propagates,
     check_zero_distance,
-    composite_masks,
     features,
     md_labels,
     raw_ops,
@@ -36,19 +36,11 @@ from helpers import (
 import lskd
 from lskd import reference
 from lskd.ops import md_statistics
+from lskd.ops.md_masks import md_masks_from_statistics
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
 
-# Feature maps distilled by LSKD (DeepLabV3-ResNet101, 512x512 crops, output stride 16), N = 2.
-LSKD_SHAPES = [
-    (2, 256, 128, 128),
-    (2, 512, 64, 64),
-    (2, 1024, 32, 32),
-    (2, 2048, 32, 32),
-    (2, 256, 32, 32),
-    (2, 16, 32, 32),
-]
 ODD_SHAPES = [(2, 19, 33, 47), (2, 300, 65, 63), (1, 3, 7, 129), (2, 21, 1, 17)]
 F32, BF16 = torch.float32, torch.bfloat16
 # Every shape in float32/contiguous and bfloat16/channels-last; the other two combinations on
@@ -213,9 +205,9 @@ def test_compile_cuda(gpu_compiled_backend):
 
 # ---------------------------------------------------------------------------
 # lskd::md_masks on CUDA (csrc/cuda/md_masks.cu: radix select instead of sorts) against the
-# composite arithmetic (csrc/md_masks.cpp, lskd.ops.md_masks.batched_quantile) evaluated on the
-# CPU from the SAME statistics (md_stats is deterministic; CPU and CUDA statistics may differ by
-# an ulp, the quantiles on them may not).
+# rule (lskd.ops.md_masks.md_masks_from_statistics) evaluated on the CPU from the SAME statistics
+# (md_stats is deterministic; CPU and CUDA statistics may differ by an ulp, the quantiles on them
+# may not).
 
 _MD_SHAPES = [
     ((2, 256, 128, 128), F32),  # H*W = 16384: 64 KiB of keys in shared memory
@@ -235,17 +227,11 @@ _MD_LABELS = [(torch.uint8, "mixed"), (torch.int64, "per_image"), (torch.int32, 
 def _check_md_masks_cuda(a, cb, dn, labels, old=4, ignore=255):
     stats = md_statistics(a, cb, dn, backend="cuda")
     check_masks_match_composite(torch.ops.lskd.md_masks, stats, a, cb, dn, labels, old, ignore)
-    # The public entry point (float64_ranks probed from the installed torch) gives the same masks.
+    # The public entry point gives the same masks.
     sm, cm = lskd.md_masks(a, cb, dn, labels, old, ignore_index=ignore, backend="cuda")
-    esm, ecm = composite_masks(stats, labels, old, ignore, _float64_ranks())
+    esm, ecm = md_masks_from_statistics([s.cpu() for s in stats], labels.cpu(), old, ignore)
     assert torch.equal(sm.cpu(), esm) and torch.equal(cm.cpu(), ecm)
     return sm, cm
-
-
-def _float64_ranks():
-    import importlib
-
-    return importlib.import_module("lskd.ops.md_masks")._FLOAT64_RANKS
 
 
 def _need_cuda_backend(gpu_backends):
@@ -286,5 +272,5 @@ def test_md_masks_cuda_deterministic(gpu_backends, shape, dtype, seed):
     assert all(torch.equal(x, y) for x, y in zip(first, second))
     # Empty maps: no launch over the empty rows, empty masks.
     e = torch.empty(2, 3, 0, 5, dtype=dtype, device=DEV)
-    sm, cm = torch.ops.lskd.md_masks(e, e, e, labels[:2], 4, 255, 1e-8, False)
+    sm, cm = torch.ops.lskd.md_masks(e, e, e, labels[:2], 4, 255, 1e-8)
     assert sm.shape == (2, 1, 0, 5) and cm.shape == (2, 3)

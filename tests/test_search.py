@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lskd.methods.lskd import SCHEMES
-from lskd.search import SchemeSearch, basic_term_names, candidate_terms, mcd_name
+from lskd.search import SchemeSearch, basic_term_names, candidate_terms
+from lskd.terms import SCHEME_KINDS, SCHEMES, map_term, mcd_name
 
 DT = torch.float64
 
@@ -95,9 +95,7 @@ def exact_products(search: SchemeSearch, params: List[Tensor], v, terms: Callabl
     D = torch.zeros(len(search.maps), len(search.schemes), dtype=DT)
     for i, l in enumerate(search.maps):
         for j, s in enumerate(search.schemes):
-            names = {"pod": [f"pod{l}"], "md": [f"md{l}"], "md+mcd": [f"md{l}", "mcd" if l == 4 else f"mcd{l}"]}.get(
-                s, []
-            )
+            names = [map_term(kind, l) for kind in SCHEME_KINDS[s]]
             if not names:
                 continue
             tr = terms()

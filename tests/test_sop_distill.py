@@ -6,46 +6,76 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
-    DTYPES,
-    DTYPES_TRITON,
     F64,
-    LAYOUTS,
-    MASK_COMBOS,
-    MASK_COMBOS_TRITON,
-    REDUCTIONS,
     SOP,
-    TOLERANCES,
     assert_rel_close,
     channel_mask,
     check_against_reference,
-    check_all_masked_image,
-    check_deterministic,
-    check_module,
-    check_nan_propagates,
-    check_no_grad_to_teacher_and_masks,
-    check_zero_distance,
-    dtype_id,
     features,
-    random_case,
     random_shape,
     random_sop_params,
-    raw_ops,
     small_shape,
+    sop_schema_reference,
     spatial_mask,
 )
+from op_tester import DistillOpTester
 
 import lskd
 
-DT = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 # (window, stride): global, and windows 3 / 5 with strides 1 / 2 (padding window // 2).
 GEOMETRIES = [(None, 1), (3, 1), (3, 2), (5, 1), (5, 2)]
+EDGE_CASES = [
+    ((1, 1, 1, 1), dict(groups=1, window=3, stride=1)),
+    ((1, 2, 2, 3), dict(groups=1, window=5, stride=2)),  # window larger than the map
+    ((2, 7, 1, 13), dict(groups=3, window=3, stride=2)),  # one row, C % groups != 0
+    ((1, 5, 6, 5), dict(groups=5, window=None, stride=1)),  # k = 1, global
+    ((3, 300, 4, 4), dict(groups=20, window=5, stride=2)),  # released defaults
+    ((1, 40, 70, 1), dict(groups=40, window=3, stride=1)),  # one column
+    ((2, 9, 13, 2), dict(groups=2, window=None, stride=2)),  # global ignores the stride
+]
 
 
-@pytest.mark.cases(default=6, triton=2)
-@DT
-def test_random_cases_match_reference(backend, case, dtype, rng):
-    student, teacher, sm, cm, reduction, params = random_case(SOP, rng, backend, dtype)
-    check_against_reference(SOP, backend, student, teacher, sm, cm, reduction, **params)
+class TestSopDistill(DistillOpTester):
+    op = SOP
+    module_cls = lskd.nn.SOPDistillLoss
+    module_variants = [
+        dict(groups=2),
+        dict(groups=3, window=None, reduction="none"),
+        dict(groups=1, window=3, stride=1, reduction="sum"),
+    ]
+    module_variants_triton = module_variants[1:2]
+    mask_params = dict(groups=2, window=5, stride=2)
+    layout_params = [dict(groups=3, window=3, stride=2), dict(groups=1, window=None, stride=1)]
+    zero_distance_variants = [
+        dict(groups=2, window=5, stride=2),
+        dict(groups=3, window=None, stride=1),
+        dict(groups=1, window=3, stride=1),
+    ]
+    all_masked_params = dict(groups=2, window=3, stride=2)
+    nan_params = [dict(groups=2, window=3, stride=2), dict(groups=1, window=None, stride=1)]
+    deterministic_params = [dict(groups=2, window=5, stride=2), dict(groups=3, window=None, stride=1)]
+    no_grad_params = dict(groups=2, window=3, stride=1)
+    edge_params = [(shape, p, dtype) for shape, p in EDGE_CASES for dtype in (torch.float32, F64)]
+    edge_params_triton = [(shape, p, torch.float32) for shape, p in EDGE_CASES if shape[0] * shape[1] <= 18]
+    variants = {
+        "test_reductions": {"g2w5s2": dict(groups=2, window=5, stride=2)},
+        "test_raw_op_contract": {"5x5s2": ((5, 5), (2, 2), (2, 2)), "3x5-anisotropic": ((3, 5), (1, 2), (1, 0))},
+    }
+
+    def raw_op_grad(self, ops, s, t, m, k, geometry, tol):
+        """sop_forward -> (dist [N], pooled_grad [N, G*k, Ho, Wo]) as the schema defines them (any
+        window/stride/padding pairs)."""
+        window, stride, padding = (list(x) for x in geometry)
+        n, c = s.shape[:2]
+        groups = 3 if c % 3 else 2
+        dist, pooled_grad = ops.sop_forward(s, t, m, k, groups, window, stride, padding)
+        exp_dist, exp_pg = sop_schema_reference(s, t, m[:, None], k, groups, window, stride, padding)
+        assert dist.dtype == m.dtype and dist.shape == (n,)
+        assert pooled_grad.dtype == m.dtype and pooled_grad.shape == exp_pg.shape
+        assert_rel_close(dist, exp_dist, tol, "dist")
+        torch.testing.assert_close(pooled_grad.double(), exp_pg, rtol=tol, atol=tol * exp_pg.abs().max().item())
+        grad_dist = torch.ones(n, dtype=m.dtype)
+        return ops.sop_backward(grad_dist, s, m, k, dist, pooled_grad, groups, window, stride, padding)
 
 
 GRID = [(g, win, st) for g in (1, 3, 4, 10) for win, st in GEOMETRIES]
@@ -62,80 +92,6 @@ def test_groups_window_stride(backend, groups, window, stride):
     _, grad = check_against_reference(SOP, backend, s, t, sm, None, "none", groups=groups, window=window, stride=stride)
     k = c // groups
     assert torch.equal(grad[:, groups * k :], torch.zeros_like(grad[:, groups * k :]))
-
-
-@pytest.mark.backend_params("sk,ck", MASK_COMBOS, triton=MASK_COMBOS_TRITON)
-def test_mask_kinds(backend, sk, ck):
-    n, c, h, w = small_shape(backend)
-    dtype = torch.float32
-    s, t = features((n, c, h, w), dtype), features((n, c, h, w), dtype)
-    sm, cm = spatial_mask(sk, n, h, w, dtype), channel_mask(ck, n, c, dtype)
-    out, grad = check_against_reference(SOP, backend, s, t, sm, cm, "none", groups=2, window=5, stride=2)
-    if "zeros" in (sk, ck):
-        assert torch.equal(out, torch.zeros_like(out)) and torch.equal(grad, torch.zeros_like(grad))
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_id)
-def test_layouts(backend, layout, dtype):
-    shape = small_shape(backend)
-    n, c, h, w = shape
-    other = LAYOUTS[(LAYOUTS.index(layout) + 1) % len(LAYOUTS)]
-    s, t = features(shape, dtype, layout=layout), features(shape, dtype, layout=other)
-    sm, cm = spatial_mask("float", n, h, w, dtype), channel_mask("bool", n, c, dtype)
-    check_against_reference(SOP, backend, s, t, sm, cm, "none", groups=3, window=3, stride=2)
-    check_against_reference(SOP, backend, s, t, sm, cm, "none", groups=1, window=None, stride=1)
-
-
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_reductions(backend, reduction):
-    shape = small_shape(backend)
-    s, t = features(shape, F64), features(shape, F64)
-    check_against_reference(SOP, backend, s, t, None, None, reduction, groups=2, window=5, stride=2)
-
-
-EDGE_CASES = [
-    ((1, 1, 1, 1), dict(groups=1, window=3, stride=1)),
-    ((1, 2, 2, 3), dict(groups=1, window=5, stride=2)),  # window larger than the map
-    ((2, 7, 1, 13), dict(groups=3, window=3, stride=2)),  # one row, C % groups != 0
-    ((1, 5, 6, 5), dict(groups=5, window=None, stride=1)),  # k = 1, global
-    ((3, 300, 4, 4), dict(groups=20, window=5, stride=2)),  # released defaults
-    ((1, 40, 70, 1), dict(groups=40, window=3, stride=1)),  # one column
-    ((2, 9, 13, 2), dict(groups=2, window=None, stride=2)),  # global ignores the stride
-]
-EDGE_PARAMS = [(shape, p, dtype) for shape, p in EDGE_CASES for dtype in (torch.float32, F64)]
-EDGE_PARAMS_TRITON = [(shape, p, torch.float32) for shape, p in EDGE_CASES if shape[0] * shape[1] <= 18]
-
-
-@pytest.mark.backend_params("shape,params,dtype", EDGE_PARAMS, triton=EDGE_PARAMS_TRITON)
-def test_edge_shapes(backend, shape, params, dtype):
-    n, c, h, w = shape
-    s, t = features(shape, dtype), features(shape, dtype)
-    sm = spatial_mask("float", n, h, w, dtype)
-    check_against_reference(SOP, backend, s, t, sm, None, "none", **params)
-    check_against_reference(SOP, backend, s, t, None, None, "sum", **params)
-
-
-SOP_VARIANTS = [
-    dict(groups=2, window=5, stride=2),
-    dict(groups=3, window=None, stride=1),
-    dict(groups=1, window=3, stride=1),
-]
-
-
-@pytest.mark.backend_params("dtype", DTYPES, triton=DTYPES_TRITON)
-def test_zero_distance_has_zero_gradient(backend, dtype):
-    check_zero_distance(SOP, backend, dtype, small_shape(backend), SOP_VARIANTS)
-
-
-def test_all_masked_image_has_zero_distance_and_gradient(backend):
-    check_all_masked_image(SOP, backend, small_shape(backend), groups=2, window=3, stride=2)
-
-
-@pytest.mark.backend_params("dtype", (torch.float32, F64, torch.bfloat16), triton=(torch.bfloat16,))
-def test_nan_in_student_gives_nan(backend, dtype):
-    check_nan_propagates(SOP, backend, dtype, small_shape(backend), groups=2, window=3, stride=2)
-    check_nan_propagates(SOP, backend, dtype, small_shape(backend), groups=1, window=None, stride=1)
 
 
 GRADCHECK = [(1, None, 1), (2, 3, 2), (3, 5, 1), (2, 5, 2)]
@@ -195,67 +151,3 @@ def test_matches_explicit_outer_products(backend, case, rng):
     exp.backward(go)
     assert_rel_close(x.grad.norm().reshape(1), y.grad.norm().reshape(1), 1e-9, "grad norm")
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-9 * y.grad.abs().max().item())
-
-
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_id)
-def test_deterministic(backend, dtype):
-    check_deterministic(SOP, backend, dtype, small_shape(backend), groups=2, window=5, stride=2)
-    check_deterministic(SOP, backend, dtype, small_shape(backend), groups=3, window=None, stride=1)
-
-
-def test_teacher_and_masks_get_no_gradient(backend):
-    check_no_grad_to_teacher_and_masks(SOP, backend, small_shape(backend), groups=2, window=3, stride=1)
-
-
-def test_module_matches_function(backend):
-    variants = [
-        dict(groups=2),
-        dict(groups=3, window=None, reduction="none"),
-        dict(groups=1, window=3, stride=1, reduction="sum"),
-    ]
-    if backend == "triton":
-        variants = variants[1:2]
-    check_module(SOP, lskd.nn.SOPDistillLoss, backend, small_shape(backend), variants)
-
-
-@pytest.mark.parametrize("layout", ("contiguous", "channels_last", "strided"))
-@pytest.mark.parametrize("dtype", (torch.float32, F64, torch.bfloat16), ids=dtype_id)
-@pytest.mark.parametrize(
-    "geometry", [((5, 5), (2, 2), (2, 2)), ((3, 5), (1, 2), (1, 0))], ids=["5x5s2", "3x5-anisotropic"]
-)
-def test_raw_op_contract(compiled_backend, layout, dtype, geometry):
-    """sop_forward -> (dist [N], pooled_grad [N, G*k, Ho, Wo]) in the acc dtype as the schema defines them
-    (any window/stride/padding pairs); sop_backward -> gradient like empty_like(student)."""
-    ops = raw_ops(compiled_backend)
-    window, stride, padding = geometry
-    shape = small_shape(compiled_backend)
-    n, c, h, w = shape
-    groups = 3 if c % 3 else 2
-    k = c // groups
-    acc = torch.float64 if dtype == F64 else torch.float32
-    s, t = features(shape, dtype, layout=layout), features(shape, dtype, layout=layout)
-    m, kk = torch.rand(n, h, w, dtype=acc), (torch.rand(n, c) < 0.7).to(acc)
-    dist, pooled_grad = ops.sop_forward(s, t, m, kk, groups, list(window), list(stride), list(padding))
-
-    def pool(x):
-        x = (x.double() * m[:, None].double() * kk[:, :, None, None].double())[:, : groups * k]
-        return F.avg_pool2d(x, window, stride, padding, count_include_pad=True)
-
-    p, q = pool(s), pool(t)
-    ho, wo = p.shape[-2:]
-    u = (p - q).reshape(n, groups, k, ho, wo)
-    v = (p + q).reshape(n, groups, k, ho, wo)
-    uu, vv, uv = (u * u).sum(2, keepdim=True), (v * v).sum(2, keepdim=True), (u * v).sum(2, keepdim=True)
-    exp_dist = (0.5 * (uu * vv + uv * uv)).flatten(1).sum(1).sqrt()
-    exp_pg = ((vv + uv) * u + (uu + uv) * v).reshape(n, groups * k, ho, wo)
-    assert dist.dtype == acc and dist.shape == (n,)
-    assert pooled_grad.dtype == acc and pooled_grad.shape == exp_pg.shape
-    tol = TOLERANCES[dtype].dist
-    assert_rel_close(dist, exp_dist, tol, "dist")
-    torch.testing.assert_close(pooled_grad.double(), exp_pg, rtol=tol, atol=tol * exp_pg.abs().max().item())
-    g = ops.sop_backward(
-        torch.ones(n, dtype=acc), s, m, kk, dist, pooled_grad, groups, list(window), list(stride), list(padding)
-    )
-    assert g.dtype == dtype and g.shape == s.shape
-    if layout != "strided":
-        assert g.stride() == torch.empty_like(s).stride(), (g.stride(), s.stride())

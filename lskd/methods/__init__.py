@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Dict, Type
 
+from ..terms import MAP_NAMES, RELEASED_SCHEMES, SCHEMES
 from .base import (
     IGNORE_INDEX,
     Method,
@@ -21,10 +22,7 @@ from .finetune import Finetune
 from .joint import Joint
 from .lskd import (
     LSKD,
-    MAP_NAMES,
     RELEASED_MAP_FACTORS,
-    RELEASED_SCHEMES,
-    SCHEMES,
     SEARCH,
     erase_images,
     split_output,

@@ -17,10 +17,9 @@ md5      0.0005 * pod_distill(logits map, M)                         L8
 
 PLOP's ``sqrt(|C^{0:t}| / |C^t|)`` factor is not applied and there is no division by
 the number of maps (docs/MATHEMATICS.md §3.1). The per-map scheme is DATA (``schemes: {map: scheme}``,
-scheme in :data:`SCHEMES`), so that a search can change it: ``"pod"`` -> ``pod{l}``;
-``"md"`` -> ``md{l}`` (masks M and Nc; on the logits map M only, as released);
-``"md+mcd"`` -> ``md{l}`` and the MCD term (named ``mcd`` on map 4, the released place,
-and ``mcd{l}`` elsewhere); ``"none"`` -> nothing. Factors per map are data too
+scheme in :data:`SCHEMES`), so that a search can change it; the terms of each scheme and their
+names are those of :mod:`lskd.terms` (``md{l}`` has masks M and Nc, on the logits map M only, as
+released; the MCD term is named ``mcd`` on map 4, the released place). Factors per map are data too
 (``map_factors``). MCD on a map with fewer channels than ``mcd_groups`` uses one group
 per channel.
 
@@ -55,6 +54,7 @@ from torch import nn
 
 from .. import ops
 from ..models.deeplab import SegOutput
+from ..terms import LOGITS_MAP, RELEASED_SCHEMES, SCHEMES, map_term, masked_scheme, scheme_terms, term_kind
 from .base import (
     IGNORE_INDEX,
     Method,
@@ -68,11 +68,8 @@ from .mib import unbiased_kd
 from .plop import EntropyPseudoLabeler, PseudoLabelStatistics
 
 __all__ = [
-    "SCHEMES",
     "SEARCH",
-    "RELEASED_SCHEMES",
     "RELEASED_MAP_FACTORS",
-    "MAP_NAMES",
     "erase_images",
     "split_output",
     "teacher_erased",
@@ -80,19 +77,13 @@ __all__ = [
     "LSKD",
 ]
 
-SCHEMES: Tuple[str, ...] = ("pod", "md", "md+mcd", "none")
 #: Not a scheme but the search's setting of a map: every candidate's basic term (pod<l>, md<l> and
 #: the MCD term) is returned, for :mod:`lskd.search` to weight them (docs/MATHEMATICS.md §5).
 SEARCH = "search"
-#: The released layer assignment: maps 0-1 Local POD, 2-3 MD, 4 MD + MCD, 5 masked POD (M only).
-RELEASED_SCHEMES: Dict[int, str] = {0: "pod", 1: "pod", 2: "md", 3: "md", 4: "md+mcd", 5: "md"}
 #: Base factors of the POD/MD term of each map (L3..L8).
 RELEASED_MAP_FACTORS: Dict[int, float] = {0: 0.01, 1: 0.01, 2: 0.01, 3: 0.01, 4: 0.01, 5: 0.0005}
-LOGITS_MAP = 5
 #: ``ctx.cache`` key of the batch's ``(pseudo-labels [N, Hl, Wl], adaptive factor [N])``.
 PSEUDO_KEY = "pseudo_labels"
-#: Names of the six distilled maps (docs/MATHEMATICS.md §1.2), as reported in summaries ("schemes").
-MAP_NAMES: Tuple[str, ...] = ("stage1", "stage2", "stage3", "stage4", "aspp", "logits")
 
 
 def erase_images(
@@ -248,28 +239,30 @@ class LSKD(PseudoLabelStatistics, Method):
     def thresholds(self) -> Optional[torch.Tensor]:
         return self.labeler.thresholds
 
-    @staticmethod
-    def mcd_name(map_index: int) -> str:
-        return "mcd" if map_index == 4 else f"mcd{map_index}"
-
     def _maps(self) -> List[int]:
         return sorted(m for m, s in self.schemes.items() if s != "none")
 
+    def _map_term_names(self, map_index: int) -> Tuple[str, ...]:
+        """The names of the terms of one map under its scheme (:data:`SEARCH`: every candidate's)."""
+        scheme = self.schemes[map_index]
+        if scheme == SEARCH:
+            return scheme_terms(map_index, "pod") + scheme_terms(map_index, "md+mcd")
+        return scheme_terms(map_index, scheme)
+
     def term_names(self, ctx: StepContext) -> List[str]:
+        """``ce``, the MCD terms, ``unkd``, then the POD/MD terms by map (the order of :meth:`terms`)."""
         if not ctx.incremental:
             return ["ce"]
-        maps = self._maps()
-        names = ["ce"] + [self.mcd_name(m) for m in maps if self.schemes[m] in ("md+mcd", SEARCH)] + ["unkd"]
-        for m in maps:
-            if self.schemes[m] == SEARCH:
-                names += [f"pod{m}", f"md{m}"]
-            else:
-                names.append(("pod" if self.schemes[m] == "pod" else "md") + str(m))
-        return names
+        per_map = [n for m in self._maps() for n in self._map_term_names(m)]
+        mcd = [n for n in per_map if term_kind(n) == "mcd"]
+        return ["ce"] + mcd + ["unkd"] + [n for n in per_map if term_kind(n) != "mcd"]
+
+    def _masked(self, scheme: str) -> bool:
+        return scheme == SEARCH or masked_scheme(scheme)
 
     def masked_maps(self) -> List[int]:
         """Maps whose scheme needs the MD masks."""
-        return [m for m in self._maps() if self.schemes[m] in ("md", "md+mcd", SEARCH)]
+        return [m for m in self._maps() if self._masked(self.schemes[m])]
 
     # -- step / teacher ----------------------------------------------------------------
     def prepare_step(
@@ -376,10 +369,11 @@ class LSKD(PseudoLabelStatistics, Method):
                 map_index, "md+mcd", student_map, teacher_map, spatial, channel
             )
         if scheme == "pod":
-            return [(f"pod{map_index}", factor, ops.PodTerm(student_map, teacher_map, scales=scales))]
+            return [(map_term("pod", map_index), factor, ops.PodTerm(student_map, teacher_map, scales=scales))]
         if spatial is None:
             raise ValueError(f"lskd: scheme {scheme!r} on map {map_index} needs the MD masks")
-        out = [(f"md{map_index}", factor, ops.PodTerm(student_map, teacher_map, spatial, channel, scales=scales))]
+        pod = ops.PodTerm(student_map, teacher_map, spatial, channel, scales=scales)
+        out = [(map_term("md", map_index), factor, pod)]
         if scheme == "md+mcd":
             groups = min(self.mcd_groups, student_map.shape[1])
             sop = ops.SopTerm(
@@ -391,7 +385,7 @@ class LSKD(PseudoLabelStatistics, Method):
                 window=self.mcd_window,
                 stride=self.mcd_stride,
             )
-            out.append((self.mcd_name(map_index), self.mcd_factor, sop))
+            out.append((map_term("mcd", map_index), self.mcd_factor, sop))
         return out
 
     def compute_terms(self, specs: Sequence[Tuple[str, float, ops.Term]]) -> Dict[str, torch.Tensor]:
@@ -418,7 +412,7 @@ class LSKD(PseudoLabelStatistics, Method):
             scheme = self.schemes[m]
             s_map, t_map = distilled_maps(student_out, teacher_out, m, o)
             spatial = channel = None
-            if scheme in ("md", "md+mcd", SEARCH):
+            if self._masked(scheme):
                 key = ("md_masks", m)
                 if ctx.cache is not None and key in ctx.cache:
                     spatial, channel = ctx.cache[key]
@@ -430,9 +424,9 @@ class LSKD(PseudoLabelStatistics, Method):
         per_map = self.compute_terms(specs)
         cls = self.classification_terms(labels, student_out, teacher_out, ctx)
         out: Dict[str, torch.Tensor] = {"ce": cls["ce"]}
-        out.update({k: v for k, v in per_map.items() if k.startswith("mcd")})
+        out.update({k: v for k, v in per_map.items() if term_kind(k) == "mcd"})
         out["unkd"] = cls["unkd"]
-        out.update({k: v for k, v in per_map.items() if not k.startswith("mcd")})
+        out.update({k: v for k, v in per_map.items() if term_kind(k) != "mcd"})
         return out
 
     def classification_terms(
