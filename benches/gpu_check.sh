@@ -4,12 +4,27 @@
 # self-test and the GPU tests, run the GPU benchmarks, write everything into
 # $OUT (default benches/results/gpu-run) and print a short table last.
 #
-#   bash benches/gpu_check.sh            # build, tests, profile, benchmarks
+#   bash benches/gpu_check.sh            # build, tests, profile, benchmarks, training step
 #   STAGES="build bench trainbench" bash benches/gpu_check.sh
+#   STAGES="build stepbench" bash benches/gpu_check.sh   # the training step at full size
+#
+# Stages (STAGES, default "build tests profile bench stepbench"; also selftest, trainbench):
+# build, selftest (benches/cuda_selftest.py), tests (pytest -m gpu), profile
+# (benches/profile_loss.py), bench (the op benchmarks, two parts), trainbench
+# (benches/test_bench_training.py), stepbench (benches/test_bench_step.py: one whole training
+# iteration per method, (a) the student alone .. (f) LSKD as released, and PLOP eager; one
+# part and JSON per dtype of STEP_BENCH_DTYPES, "bfloat16 float32", bf16 first).
 #
 # Stage times on a fresh H100/H200 (benches/results/h200-2026-11-26.md): build
 # 35-46 s, GPU tests 150 s, profile 30 s, benchmarks without torch.compile about
 # 50 s (part 1, the whole loss, BENCH_K1) + 50 s (part 2, the ops, BENCH_K2).
+# stepbench: not yet timed on a GPU; estimated 40-60 s (bf16) and 60-120 s (float32) for
+# ResNet-101 at 512, batch 12, 8 variants x (2 warm-up + 5) iterations. Each part runs ResNet-101
+# at 512 when its time-out (the budget left, at most STEP_BENCH_TIMEOUT) is at least
+# STEP_BENCH_FULL_S (120 s), else the fallback ResNet-50 at 256 (said in a note); set
+# LSKD_STEP_BENCH_BACKBONE / _SIZE / _BATCH / _ROUNDS to choose by hand. In the default run it
+# comes last, with what the budget leaves (the fallback, or skipped): for the full-size figures
+# run STAGES="build stepbench".
 # torch.compile of the eager loss (the compile column of part 1,
 # LSKD_BENCH_COMPILE=loss; "all" adds per-op compile columns, which nothing warms,
 # "none" drops them) takes more than 150 s cold, nearly all of it inductor (a few
@@ -32,8 +47,9 @@
 # a kill and the summary); a stage that would get less than GPU_CHECK_MIN_STAGE_S (10 s) is
 # skipped with a "SKIP <stage>: time budget spent" line. Caps: BUILD_TIMEOUT 300,
 # SELFTEST_TIMEOUT 180, TEST_TIMEOUT 240, PROFILE_TIMEOUT 90, BENCH_TIMEOUT 240
-# (per part), TRAIN_BENCH_TIMEOUT 180, WARM_TIMEOUT 420. Expected default run:
-# machine 10 s, build 45 s, tests 150 s, profile 30 s, bench 120 s: about 6 min.
+# (per part), TRAIN_BENCH_TIMEOUT 180, STEP_BENCH_TIMEOUT 180 (per part), WARM_TIMEOUT 420.
+# Expected default run: machine 10 s, build 45 s, tests 150 s, profile 30 s, bench 120 s:
+# about 6 min; stepbench then gets the rest (about 70 s: ResNet-50 at 256, bf16 first).
 # Other knobs: TEST_K (pytest -k of the tests), BENCH_K1 / BENCH_K2 (-k of the two
 # benchmark parts), LSKD_BENCH_ROUNDS (10), LSKD_BENCH_COMPILE (loss),
 # WARM_COMPILE_ARGS (extra arguments of warm_compile.py), OUT, PYTHON,
@@ -49,7 +65,7 @@ cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-benches/results/gpu-run}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"build tests profile bench"}
+STAGES=${STAGES:-"build tests profile bench stepbench"}
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
 RESERVE=${GPU_CHECK_RESERVE_S:-20}
 MIN_STAGE=${GPU_CHECK_MIN_STAGE_S:-10}
@@ -60,6 +76,9 @@ TEST_TIMEOUT=${TEST_TIMEOUT:-240}
 PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-90}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-240}
 TRAIN_BENCH_TIMEOUT=${TRAIN_BENCH_TIMEOUT:-180}
+STEP_BENCH_TIMEOUT=${STEP_BENCH_TIMEOUT:-180}
+STEP_BENCH_FULL_S=${STEP_BENCH_FULL_S:-120}
+STEP_BENCH_DTYPES=${STEP_BENCH_DTYPES:-"bfloat16 float32"}
 WARM_TIMEOUT=${WARM_TIMEOUT:-420}
 # Wheels brought along for packages the GPU machine lacks (e.g. expecttest for opcheck).
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -127,6 +146,9 @@ finish() {
     [ -s "$OUT/bench$part.json" ] && timeout 30 "$PY" benches/summarize.py "$OUT/bench$part.json" --markdown "$OUT/summary$part.md"
   done
   [ -s "$OUT/train.json" ] && timeout 30 "$PY" benches/summarize.py "$OUT/train.json" --markdown "$OUT/train.md"
+  for f in "$OUT"/step-*.json; do
+    [ -s "$f" ] && timeout 30 "$PY" benches/summarize.py "$f" --markdown "${f%.json}.md"
+  done
   [ -s "$OUT/warm_compile.log" ] && grep "^warm_compile: " "$OUT/warm_compile.log" | grep -v "^warm_compile: dtypes"
   echo "stages (GPU_CHECK_BUDGET_S=$BUDGET s, used $SECONDS s):"
   printf '  %s\n' "${stage_lines[@]}"
@@ -241,5 +263,26 @@ if stage trainbench && budget trainbench "$TRAIN_BENCH_TIMEOUT"; then
       --benchmark-json="$OUT/train.json" > "$OUT/train.log" 2>&1
   rc=$?; record trainbench $t0 $rc
   [ $rc = 0 ] || tail -15 "$OUT/train.log"
+fi
+if stage stepbench; then
+  # One whole training iteration per method, (a)-(f) and PLOP eager, on one batch: one part and JSON
+  # per dtype, so that a time-out loses one part at most.
+  for dt in $STEP_BENCH_DTYPES; do
+    case $dt in bfloat16) part=step-bf16;; float32) part=step-fp32;; *) part=step-$dt;; esac
+    budget "$part" "$STEP_BENCH_TIMEOUT" || continue
+    bb=${LSKD_STEP_BENCH_BACKBONE:-resnet101}; size=${LSKD_STEP_BENCH_SIZE:-512}
+    if [ -z "${LSKD_STEP_BENCH_BACKBONE:-}" ] && (( LIMIT < STEP_BENCH_FULL_S )); then
+      # Too little time for ResNet-101 at 512 (and a time-out would lose the part's JSON).
+      bb=resnet50; size=${LSKD_STEP_BENCH_SIZE:-256}
+      notes+=("$part: the fallback ResNet-50 at $size ($LIMIT s left, ResNet-101 wants STEP_BENCH_FULL_S=$STEP_BENCH_FULL_S s)")
+    fi
+    log "training-step benchmark, $dt: $bb at $size (time-out $LIMIT s)"
+    t0=$SECONDS
+    LSKD_STEP_BENCH_DTYPE=$dt LSKD_STEP_BENCH_BACKBONE=$bb LSKD_STEP_BENCH_SIZE=$size timeout -k 10 "$LIMIT" \
+        "$PY" -m pytest benches/test_bench_step.py -q -p no:cacheprovider --benchmark-only \
+        --benchmark-json="$OUT/$part.json" > "$OUT/$part.log" 2>&1
+    rc=$?; record "$part" $t0 $rc
+    [ $rc = 0 ] || tail -15 "$OUT/$part.log"
+  done
 fi
 finish

@@ -5,6 +5,9 @@
 One row per (op, shape, dtype, backend): median time, speed-up over the eager
 reference and over torch.compile of it (same run), bytes floor, achieved GB/s,
 fraction of the measured copy bandwidth, time over the floor, peak extra memory.
+Training benchmarks get their own tables: seconds per iteration per weighting / search variant
+(test_bench_training.py), and milliseconds per whole training step per method with the ratios to
+LSKD's floor (c) and to LSKD as released (f) and the peak memory (test_bench_step.py).
 """
 
 from __future__ import annotations
@@ -113,6 +116,40 @@ def training_table(data) -> str:
     return "\n".join(lines) + "\n"
 
 
+def step_table(data) -> str:
+    """Milliseconds per training iteration (benches/test_bench_step.py), one table per dtype: each
+    variant's median, its ratio to LSKD's floor (c) and to LSKD as released (f) of the same dtype and
+    run, and the GPU's peak allocated memory (MiB: models, optimiser state, activations)."""
+    runs = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"].get("kind") == "step"]
+    if not runs:
+        return ""
+    out = []
+    for dtype in dict.fromkeys(e["dtype"] for e in runs):  # in the order they ran
+        of = {e["variant"]: e for e in runs if e["dtype"] == dtype}
+        floor, released = (of.get(k, {}).get("ms_per_iter") for k in ("c-floor", "f-released"))
+        first = next(iter(of.values()))
+        where = first.get("gpu") or f"{first.get('device')} ({first.get('threads', '?')} thread(s))"
+        out += [
+            f"training step, {first['backbone']} (output stride {first['output_stride']}), "
+            f"{first['size']}x{first['size']}, batch {first['batch']}, {dtype}"
+            f"{' (autocast)' if dtype != 'float32' else ''}, median of {first['rounds']} rounds, "
+            f"on {where}",
+            "",
+            "| variant | ms / iteration | x (c) floor | x (f) released | peak MiB |",
+            "|---|---|---|---|---|",
+        ]
+        for e in of.values():
+            ms = e["ms_per_iter"]
+            out.append(
+                f"| {e.get('label', e['variant'])} | {ms:.1f} | {fmt(ms / floor if floor else None, '.2f')} "
+                f"| {fmt(ms / released if released else None, '.2f')} | {fmt(e.get('peak_MB'), '.0f')} |"
+            )
+        if first.get("memory_note"):
+            out.append(f"\nmemory: {first['memory_note']}")
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", help="pytest-benchmark JSON file")
@@ -120,7 +157,7 @@ def main() -> None:
     args = p.parse_args()
     with open(args.json) as fh:
         data = json.load(fh)
-    text = "\n".join(t for t in (table(data) if rows(data) else "", training_table(data)) if t)
+    text = "\n".join(t for t in (table(data) if rows(data) else "", training_table(data), step_table(data)) if t)
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as fh:
