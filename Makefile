@@ -6,6 +6,7 @@
 #   make test    build, then the test suite (what CI runs)
 #   make lint    ruff (lint + format check) and clang-format check (CI runs it first)
 #   make bench   CPU benchmarks (pytest-benchmark), JSON in benches/results/
+#   make benchmark  the demo's protocol with 3 seeds, both BatchNorm settings (~1 hour on 2 CPU cores)
 #   make build   (re)build lskd._C into the venv
 #   make clean   remove build outputs (keeps .venv)
 
@@ -22,7 +23,7 @@ BUILD_ENV := CUDA_HOME=$(CUDA_HOME) FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$${TORCH_
 endif
 endif
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
-STAMP_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+STAMP_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 # Pinned: another version of a formatter formats differently.
 LINT_TOOLS ?= ruff==0.17.6 clang-format==23.1.5
@@ -30,7 +31,7 @@ LINT_TOOLS ?= ruff==0.17.6 clang-format==23.1.5
 # kernels (tests/cuda_emu/build.py rewrites their launches), whose patterns a reflow breaks.
 CXX_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: venv build test lint demo example bench clean
+.PHONY: venv build test lint demo benchmark example bench clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +62,10 @@ test: $(VENV)/.built
 
 demo: $(VENV)/.built
 	$(VENV)/bin/lskd demo
+
+benchmark: $(VENV)/.built
+	$(VENV)/bin/lskd demo --full --bn train --out runs/benchmark/bn-train
+	$(VENV)/bin/lskd demo --full --bn frozen --out runs/benchmark/bn-frozen
 
 example: $(VENV)/.built
 	$(PY) examples/drop_in_losses.py

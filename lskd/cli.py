@@ -233,16 +233,28 @@ def _add_demo(sub) -> None:
         "OUT/summary.json and OUT/comparison.png. About 7 minutes on 2 CPU cores; --quick about 2.",
     )
     p.add_argument("--quick", action="store_true", help="a smaller, shorter version (CI: under 2 minutes)")
-    p.add_argument("--out", default=None, help="output folder (default runs/demo, or runs/demo-quick with --quick)")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="the benchmark: the default protocol with 3 seeds (or --seeds), mean ± std; `make benchmark` runs it "
+        "for both --bn settings",
+    )
+    p.add_argument(
+        "--bn",
+        default="train",
+        choices=["train", "frozen"],
+        help="the student's BatchNorm in the later steps, as `lskd train --bn` (default train)",
+    )
+    p.add_argument("--out", default=None, help="output folder (default runs/demo, runs/demo-quick or runs/demo-full)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 0 on the CPU, 2 on a GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of the first training seed")
     p.add_argument(
         "--seeds",
         type=_positive_int,
-        default=1,
+        default=None,
         help="train every method with this many seeds (seed, seed+1, ...; step 0 shared per seed) and "
-        "report mean and std (default 1)",
+        "report mean and std (default 1, 3 with --full)",
     )
     p.add_argument(
         "--methods", default=None, help="comma-separated subset of joint,finetune,mib,plop,lskd,lskd-fixed,lskd+search"
@@ -327,6 +339,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         methods=methods,
         quiet=args.quiet,
         seeds=args.seeds,
+        full=args.full,
+        bn=args.bn,
     )
     return 0
 

@@ -21,11 +21,8 @@ Protocol (the trainer's loop, and a user's own loop)::
 ``update`` must run while the graph of ``terms`` is alive (before ``total.backward()``, or after it
 with ``retain_graph=True``). The weights are initialised to 1 at every ``begin_step``.
 
-Per-term gradients (RGE and GradNorm). Term i acts on one small parameter tensor W_i (docs/MATHEMATICS.md §4.1:
-the first parameter tensor of the layer the term distils; :func:`term_layer`): the ASPP output
-BatchNorm's weight for the classification terms and for the distillation terms of the ASPP and
-logits maps (4, 5); the first parameter (first convolution) of stage k+1 for the terms of map k,
-k = 0, 1, 2, 3 (map 3 = stage 4's output, on stage 4's first parameter as in the release).
+Per-term gradients (RGE and GradNorm). Term i acts on one small parameter tensor W_i, the first
+parameter of the layer that produces its map (:func:`lskd.terms.term_layer`, docs/MATHEMATICS.md §4.1).
 ``dL_i/dW_i`` comes from one ``torch.autograd.grad(L_i, W_i, retain_graph=True)``
 per term: autograd runs only the part of the graph between the term and W_i (the head for the
 ASPP terms, one backbone stage for the others), never the whole network, and nothing is
@@ -36,13 +33,13 @@ benches/test_bench_training.py; results in benches/results/cpu-2026-11-26.md.
 from __future__ import annotations
 
 import math
-import re
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ._dist import average_over_ranks_
+from .terms import LAYERS, LOGITS_MAP, parse_term, term_layer
 
 __all__ = [
     "Weighting",
@@ -166,57 +163,30 @@ class FixedWeights(Weighting):
             self.default = float(state.get("default", self.default))
 
 
-# ------------------------------------------------------------------------------ term layout
-
-_MAP_TERM = re.compile(r"^(pod|md|mcd)(\d+)$")
-#: Terms acting on the head (the ASPP output BatchNorm) that carry no map index in their name.
-HEAD_TERMS = ("ce", "unce", "unkd", "mcd")
-
-
-def term_map(name: str) -> Optional[int]:
-    """The map index a term distils (``pod3`` -> 3, ``mcd`` -> 4 as released), None for the others."""
-    if name == "mcd":
-        return 4
-    m = _MAP_TERM.match(name)
-    return int(m.group(2)) if m else None
-
-
-def term_layer(name: str) -> Tuple[str, str]:
-    """``(layer key, group)`` of a term (docs/MATHEMATICS.md §4.1): ``("stage{k+1}", "B")`` for the terms of maps
-    k = 0, 1, 2; ``("stage4", "A")`` for the terms of map 3 (stage 4's output: md3 = L6);
-    ``("aspp", "A")`` for everything else (classification terms, maps 4, 5).
-
-    Map 3's term acts on the first parameter of the last backbone stage, as in the release
-    (``W3 = get_layer3() = body.mod5``, stage 4, its statistic in the head group's ``norms``), and
-    stays in group A. (Tying it to the ASPP BatchNorm, which lies after stage 4, would make its
-    gradient there exactly 0.)"""
-    m = term_map(name)
-    if m is not None and m <= 2:
-        return f"stage{m + 1}", "B"
-    if m == 3:
-        return "stage4", "A"
-    if m is None and name not in HEAD_TERMS:
-        raise ValueError(
-            f"weighting: no layer is known for the term {name!r}; name map terms pod<k>/md<k>/mcd<k>, "
-            f"or give the scheme a layer_of= function"
-        )
-    return "aspp", "A"
+# ------------------------------------------------------------------------------ layers
 
 
 def deeplab_layers(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """``{"stage1".."stage4": first parameter of the stage, "aspp": ASPP output BatchNorm weight}``
-    of a :class:`lskd.models.DeepLabV3` (or a DDP wrapper of one)."""
+    """RGE's layers (:data:`lskd.terms.LAYERS`) of a :class:`lskd.models.DeepLabV3` (or a DDP wrapper
+    of one): ``{"stage1".."stage4": first parameter of the stage, "aspp": ASPP output BatchNorm weight}``
+    (with frozen BatchNorm, whose weight does not train: the ASPP projection conv's weight)."""
     net = model.module if hasattr(model, "module") else model
     try:
         stages = [getattr(net.backbone, f"layer{k}") for k in range(1, 5)]
         aspp_norm = net.aspp.project[1].weight
+        if not aspp_norm.requires_grad:
+            # BatchNorm frozen (--bn frozen, the release's fix_bn): the release would fail here
+            # (autograd.grad of a tensor without grad); the projection conv feeding that BatchNorm
+            # is the nearest trainable parameter of the same layer
+            aspp_norm = net.aspp.project[0].weight
     except AttributeError as e:
         raise ValueError(
             f"weighting: cannot find the layers of {type(net).__name__} (expected a DeepLabV3 with "
             f"backbone.layer1..4 and aspp.project[1]); pass layers={{'aspp': tensor, 'stage1': tensor, ...}}"
         ) from e
-    out = {f"stage{k + 1}": next(s.parameters()) for k, s in enumerate(stages)}
-    out["aspp"] = aspp_norm
+    *stage_keys, head_key = LAYERS
+    out = {key: next(s.parameters()) for key, s in zip(stage_keys, stages)}
+    out[head_key] = aspp_norm
     return out
 
 
@@ -269,7 +239,6 @@ class _GradientBalance(Weighting):
         self.updates = 0
         self.trace: List[dict] = []
         self._optimizer: Optional[torch.optim.Optimizer] = None
-        self.last: Dict[str, float] = {}
 
     # -- bookkeeping ---------------------------------------------------------------------
     def begin_step(
@@ -354,7 +323,6 @@ class _GradientBalance(Weighting):
         loss = self.balance_loss(w, stats, losses)
         (grad,) = torch.autograd.grad(loss, w)
         self._set_grad(grad)
-        self.last = {f"{self.name}_loss": float(loss.detach())}
         self._record({self.statistic_name: stats.tolist()})
 
     # subclasses: the per-term statistic of dL_i/dW_i, the L(0) rule and the balance loss
@@ -490,13 +458,13 @@ class RGE(_GradientBalance):
         self.alpha, self.beta, self.gamma, self.gain = float(alpha), float(beta), float(gamma), float(gain)
 
     def hinge_pairs(self) -> List[Tuple[int, int]]:
-        """Index pairs (k, k+1) of the POD/MD terms of consecutive maps 0..4."""
+        """Index pairs (k, k+1) of the POD/MD terms of consecutive maps 0..4 (all but the logits map)."""
         by_map: Dict[int, int] = {}
         for i, n in enumerate(self._names):
-            m = term_map(n)
-            if m is not None and m <= 4 and not n.startswith("mcd"):
-                by_map[m] = i
-        return [(by_map[m], by_map[m + 1]) for m in range(4) if m in by_map and m + 1 in by_map]
+            parsed = parse_term(n)
+            if parsed is not None and parsed[0] != "mcd" and parsed[1] < LOGITS_MAP:
+                by_map[parsed[1]] = i
+        return [(by_map[m], by_map[m + 1]) for m in range(LOGITS_MAP - 1) if m in by_map and m + 1 in by_map]
 
     def balance_loss(self, w: torch.Tensor, g: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         """L_RGE as a function of w ``[T]`` for per-term signed-mean gradients g ``[T]`` and

@@ -212,7 +212,8 @@ def test_demo_quick(tmp_path):
         assert {"dataset", "task", "method", "steps"} <= set(summ)
         assert summ["steps"][-1]["miou_all"] is not None
     steps = {e["step"] for e in s["methods"]["lskd"]["steps"]}
-    assert steps == {0, 1, 2, 3}
+    assert steps == {0, 1, 2, 3, 4}  # task 2-1
+    assert "Does each method learn the new class?" in (tmp_path / "demo" / "summary.md").read_text()
     assert (tmp_path / "demo" / "comparison.png").stat().st_size > 1000
     md = (tmp_path / "demo" / "summary.md").read_text()
     assert "| lskd |" in md and "| lskd+search |" in md and "old" in r.stdout

@@ -70,6 +70,21 @@ def test_bn_frozen_steps_keep_the_teachers_statistics(synth, tmp_path):
         train(_cfg(synth, out, bn="train", step=2))  # a run keeps its BatchNorm mode
 
 
+def test_bn_frozen_with_rge_trains(synth, tmp_path):
+    """--bn frozen with RGE: the head terms' layer (the ASPP BatchNorm weight) does not train, so
+    RGE takes the gradients at the projection conv feeding it (the release fails here)."""
+    from lskd.weighting import deeplab_layers
+
+    out = tmp_path / "frozen-rge"
+    s = train(_cfg(synth, out, method="lskd", bn="frozen", weighting="rge", step=None, epochs=1))
+    assert s["steps"][-1]["weights"] and len(set(s["steps"][-1]["weights"].values())) > 1  # RGE moved them
+    model = DeepLabV3("tiny", [3]).freeze_batchnorm()
+    layers = deeplab_layers(model)
+    assert layers["aspp"] is model.aspp.project[0].weight and all(t.requires_grad for t in layers.values())
+    trained_bn = DeepLabV3("tiny", [3])
+    assert deeplab_layers(trained_bn)["aspp"] is trained_bn.aspp.project[1].weight  # as released
+
+
 def test_bad_protocol_options_are_refused(synth, tmp_path):
     with pytest.raises(RunError, match="--bn"):
         _cfg(synth, tmp_path, bn="eval")
@@ -121,6 +136,12 @@ def test_aggregate_seeds_mean_and_sample_std():
     assert last["step"] == 1 and last["miou_old"] == {"mean": 12.0, "std": 2.0, "n": 3}
     assert last["miou_new"]["mean"] == 22.0 and last["miou_new"]["std"] == pytest.approx(12.0**0.5)
     assert agg["mib"][0]["miou_new"] is None and agg["mib"][0]["miou_old"]["std"] == 0.0
+    # a seed without a method: that method's statistics cover the seeds that ran it
+    partial = aggregate_seeds(
+        {0: {"mib": summary(10.0, 20.0), "plop": summary(30.0, 2.0)}, 1: {"mib": summary(14.0, 20.0)}}
+    )
+    assert partial["plop"][-1]["miou_old"] == {"mean": 30.0, "std": 0.0, "n": 1}
+    assert partial["mib"][-1]["miou_old"]["n"] == 2
 
 
 def test_demo_with_seeds(tmp_path, monkeypatch):
@@ -152,15 +173,53 @@ def test_demo_with_seeds(tmp_path, monkeypatch):
                 "--seed",
                 "4",
                 "--methods",
-                "finetune,mib",
+                "joint,finetune,mib",
+                "--bn",
+                "frozen",
                 "--quiet",
             ]
         )
         == 0
     )
     s = json.loads((out / "summary.json").read_text())
+    assert s["settings"]["bn"] == "frozen"
+    assert json.loads((out / "seed4" / "mib" / "config.json").read_text())["bn"] == "frozen"
+    learnt = s["learnt_class_iou"]
+    assert set(learnt) == {"joint", "finetune", "mib"} and set(learnt["mib"]) == {"1", "2"}
+    assert learnt["finetune"]["1"]["n"] == 2
     assert set(s["seeds"]) == {"4", "5"} and s["settings"]["seeds"] == [4, 5]
     assert s["seeds"]["4"]["mib"]["steps"] != s["seeds"]["5"]["mib"]["steps"]
     assert s["aggregate"]["mib"][-1]["miou_old"]["n"] == 2
     assert (out / "seed4" / "mib" / "summary.json").is_file() and (out / "seed5" / "base").is_dir()
     assert "±" in (out / "summary.md").read_text()
+
+
+def test_learnt_class_iou_reads_each_step_right_after_it():
+    """The IoU of step t's classes: right after step t for an incremental method (not at the last
+    step), after the one offline step for joint; mean and sample std over the seeds."""
+    from lskd.demo import learnt_class_iou
+
+    def inc(a, b):
+        return {
+            "steps": [
+                {"step": 0, "classes": ["bg", "x"], "iou": {"bg": 90.0, "x": 80.0}},
+                {"step": 1, "classes": ["y"], "iou": {"bg": 85.0, "x": 60.0, "y": a}},
+                {"step": 2, "classes": ["z"], "iou": {"bg": 85.0, "x": 50.0, "y": 0.0, "z": b}},
+            ]
+        }
+
+    joint = {"offline": True, "steps": [{"step": 0, "classes": [], "iou": {"bg": 90.0, "x": 80, "y": 70.0, "z": 50.0}}]}
+    runs = {0: {"joint": joint, "finetune": inc(40.0, 20.0)}, 1: {"joint": joint, "finetune": inc(50.0, 30.0)}}
+    t = learnt_class_iou(runs)
+    assert t["finetune"][1]["mean"] == 45.0 and t["finetune"][2]["mean"] == 25.0
+    assert t["finetune"][1]["std"] == pytest.approx(50.0**0.5)
+    assert t["joint"][1] == {"mean": 70.0, "std": 0.0, "n": 2} and t["joint"][2]["mean"] == 50.0
+
+
+def test_demo_quick_and_full_exclude_each_other(tmp_path):
+    from lskd.demo import run_demo
+
+    with pytest.raises(ValueError, match="--quick and --full"):
+        run_demo(out=str(tmp_path), quick=True, full=True)
+    with pytest.raises(ValueError, match="--bn"):
+        run_demo(out=str(tmp_path), bn="eval")
