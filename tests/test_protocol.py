@@ -183,7 +183,7 @@ def test_demo_with_seeds(tmp_path, monkeypatch):
     )
     s = json.loads((out / "summary.json").read_text())
     assert s["settings"]["bn"] == "frozen"
-    assert json.loads((out / "seed4" / "mib" / "config.json").read_text())["bn"] == "frozen"
+    assert json.loads((out / "seed4" / "mib" / "config.json").read_text())["config"]["bn"] == "frozen"
     learnt = s["learnt_class_iou"]
     assert set(learnt) == {"joint", "finetune", "mib"} and set(learnt["mib"]) == {"1", "2"}
     assert learnt["finetune"]["1"]["n"] == 2
