@@ -47,6 +47,8 @@ import lskd
 from lskd import reference
 from lskd._validation import check_pair, reduction_code
 from lskd.ops.distill_terms import _prepared
+from lskd.ops.pod_distill import op_params as pod_params
+from lskd.ops.sop_distill import op_params as sop_params
 
 HERE = Path(__file__).resolve().parent
 
@@ -99,20 +101,24 @@ def test_sources_convert():
 
 
 def _emu_pod(emu):
-    def pod(student, teacher, sm=None, cm=None, scales=(1, 2, 4), square=True, reduction="mean", backend=None):
+    def pod(student, teacher, sm=None, cm=None, reduction="mean", backend=None, **params):
         check_pair("pod_distill", student, teacher)
-        m, k, p = _prepared("pod_distill", lskd.PodTerm(student, teacher, sm, cm, scales, square), {})
-        return emu.pod_distill(student, teacher, m, k, p[3:], bool(p[1]), reduction_code("pod_distill", reduction))
+        term = lskd.PodTerm(student, teacher, sm, cm, **params)
+        m, k, _ = _prepared("pod_distill", term, {})
+        return emu.pod_distill(
+            student, teacher, m, k, *pod_params("pod_distill", term), reduction_code("pod_distill", reduction)
+        )
 
     return OpSpec("pod", pod, reference.pod_distances, random_pod_params)
 
 
 def _emu_sop(emu):
-    def sop(student, teacher, sm=None, cm=None, groups=20, window=5, stride=2, reduction="mean", backend=None):
+    def sop(student, teacher, sm=None, cm=None, reduction="mean", backend=None, **params):
         check_pair("sop_distill", student, teacher)
-        m, k, p = _prepared("sop_distill", lskd.SopTerm(student, teacher, sm, cm, groups, window, stride), {})
+        term = lskd.SopTerm(student, teacher, sm, cm, **params)
+        m, k, _ = _prepared("sop_distill", term, {})
         return emu.sop_distill(
-            student, teacher, m, k, p[1], p[2:4], p[4:6], p[6:8], reduction_code("sop_distill", reduction)
+            student, teacher, m, k, *sop_params("sop_distill", term), reduction_code("sop_distill", reduction)
         )
 
     return OpSpec("sop", sop, reference.sop_distances, random_sop_params)
@@ -169,9 +175,10 @@ def test_pod_paths_take_distinct_kernels(emu):
     def kernels(shape, layout, scales):
         s = features(shape, torch.float32, layout=layout)
         emu.emu_kernels()
-        dist, emb = emu.pod_forward(s, s * 0.5, None, None, list(scales), True)
+        params = pod_params("pod", lskd.PodTerm(s, s, scales=scales))
+        dist, emb = emu.pod_forward(s, s * 0.5, None, None, *params)
         fwd = emu.emu_kernels()
-        emu.pod_backward(torch.ones(shape[0]), s, None, None, dist, emb, list(scales), True)
+        emu.pod_backward(torch.ones(shape[0]), s, None, None, dist, emb, *params)
         return fwd[0], emu.emu_kernels()[0]
 
     paths = {p[0]: kernels(p[1], p[2], p[3]) for p in POD_PATHS}
@@ -256,11 +263,13 @@ def test_launches_per_call(emu):
         out = fn()
         return emu.emu_launches() - before, out
 
-    n_fwd, (dist, emb) = launches(lambda: emu.pod_forward(s, t, None, None, [1, 2, 4], True))
-    n_bwd, _ = launches(lambda: emu.pod_backward(torch.ones(2), s, None, None, dist, emb, [1, 2, 4], True))
+    pod = pod_params("pod", lskd.PodTerm(s, t))
+    n_fwd, (dist, emb) = launches(lambda: emu.pod_forward(s, t, None, None, *pod))
+    n_bwd, _ = launches(lambda: emu.pod_backward(torch.ones(2), s, None, None, dist, emb, *pod))
     assert (n_fwd, n_bwd) == (2, 1)
-    n_fwd, (dist, pooled) = launches(lambda: emu.sop_forward(s, t, None, None, 3, [5, 5], [2, 2], [2, 2]))
-    n_bwd, _ = launches(lambda: emu.sop_backward(torch.ones(2), s, None, None, dist, pooled, 3, [5, 5], [2, 2], [2, 2]))
+    sop = sop_params("sop", lskd.SopTerm(s, t, groups=3))
+    n_fwd, (dist, pooled) = launches(lambda: emu.sop_forward(s, t, None, None, *sop))
+    n_bwd, _ = launches(lambda: emu.sop_backward(torch.ones(2), s, None, None, dist, pooled, *sop))
     assert (n_fwd, n_bwd) == (2, 1)
     labels = torch.randint(0, 7, (2, 32, 32))
     n_md, _ = launches(lambda: emu.md_masks(s, s * 0.5, s + 1, labels, 4, 255, 1e-8))

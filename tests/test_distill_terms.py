@@ -70,14 +70,15 @@ def _students(terms):
     return out
 
 
+#: The fields of a PodTerm / SopTerm that are tensors; the others are the op's parameters, which
+#: its reference takes by the same names.
+TENSOR_FIELDS = ("student", "teacher", "spatial_mask", "channel_mask")
+
+
 def _oracle(term):
     """Float64 reference distance per image [N] of one term, differentiable in a float64 copy."""
     ref = reference.pod_distances if isinstance(term, PodTerm) else reference.sop_distances
-    extra = (
-        dict(scales=term.scales, square=term.square)
-        if isinstance(term, PodTerm)
-        else dict(groups=term.groups, window=term.window, stride=term.stride)
-    )
+    extra = {k: v for k, v in term._asdict().items() if k not in TENSOR_FIELDS}
     return ref, extra
 
 

@@ -12,7 +12,7 @@ node per call). :class:`PodTerm` is a pod_distill term of lskd.distill_terms.
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -28,7 +28,7 @@ from .._validation import (
 )
 from ._backends import on_triton_load, resolve_backend
 
-__all__ = ["pod_distill", "PodTerm"]
+__all__ = ["pod_distill", "PodTerm", "op_params"]
 
 
 class PodTerm(NamedTuple):
@@ -42,11 +42,17 @@ class PodTerm(NamedTuple):
     square: bool = True
 
 
+def op_params(where: str, term: PodTerm) -> Tuple[List[int], bool]:
+    """The term's checked parameters as the ``lskd::pod_*`` schemas take them, between the masks
+    and the reduction: ``(scales, square)``. Every caller of the raw ops builds them here."""
+    _, _, h, w = term.student.shape
+    return list(check_scales(where, term.scales, h, w)), bool(term.square)
+
+
 def _term_params(where: str, term: PodTerm) -> List[int]:
     """The term's parameters in lskd::distill_terms' params, after its kind (read_pod_term, csrc/pod_distill.cpp)."""
-    _, _, h, w = term.student.shape
-    scales = check_scales(where, term.scales, h, w)
-    return [int(bool(term.square)), len(scales), *scales]
+    scales, square = op_params(where, term)
+    return [int(square), len(scales), *scales]
 
 
 def _fake_forward(student, teacher, spatial_mask, channel_mask, scales, square):
@@ -134,8 +140,7 @@ def pod_distill(
     """
     op = "pod_distill"
     check_pair(op, student, teacher)
-    n, c, h, w = student.shape
-    scales = check_scales(op, scales, h, w)
+    params = op_params(op, PodTerm(student, teacher, scales=scales, square=square))
     code = reduction_code(op, reduction)
     if spatial_mask is None and channel_mask is None:
         m = k = None
@@ -145,7 +150,7 @@ def pod_distill(
     if impl == "cpu" or impl == "cuda":
         # One op and one autograd node: the C++ forward and the reduction; the
         # C++ autograd kernel keeps the teacher and the masks out of the graph.
-        return torch.ops.lskd.pod_distill(student, teacher, m, k, scales, bool(square), code)
+        return torch.ops.lskd.pod_distill(student, teacher, m, k, *params, code)
     if impl == "reference":
         acc = acc_dtype(student.dtype)
         dist = reference.pod_distances(
@@ -153,9 +158,8 @@ def pod_distill(
             teacher.to(acc),
             None if m is None else m[:, None],
             k,
-            scales,
-            bool(square),
+            *params,
         )
     else:
-        dist, _ = torch.ops.lskd_triton.pod_forward(student, teacher.detach(), m, k, list(scales), bool(square))
+        dist, _ = torch.ops.lskd_triton.pod_forward(student, teacher.detach(), m, k, *params)
     return reduce(dist, reduction)

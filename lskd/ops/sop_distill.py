@@ -11,7 +11,7 @@ which also reduces over the batch (one op and one autograd node per call).
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -20,7 +20,7 @@ from .._dtypes import acc_dtype
 from .._validation import check_pair, prepare_masks, reduce, reduction_code, sop_geometry
 from ._backends import on_triton_load, resolve_backend
 
-__all__ = ["sop_distill", "SopTerm"]
+__all__ = ["sop_distill", "SopTerm", "op_params"]
 
 
 class SopTerm(NamedTuple):
@@ -35,11 +35,19 @@ class SopTerm(NamedTuple):
     stride: int = 2
 
 
-def _term_params(where: str, term: SopTerm) -> List[int]:
-    """The term's parameters in lskd::distill_terms' params, after its kind (read_sop_term, csrc/sop_distill.cpp)."""
+def op_params(where: str, term: SopTerm) -> Tuple[int, List[int], List[int], List[int]]:
+    """The term's checked parameters as the ``lskd::sop_*`` schemas take them, between the masks
+    and the reduction: ``(groups, window, stride, padding)``, the last three (rows, columns) pairs.
+    Every caller of the raw ops builds them here."""
     _, c, h, w = term.student.shape
     win, strd, pad = sop_geometry(where, c, h, w, term.groups, term.window, term.stride)
-    return [int(term.groups), *win, *strd, *pad]
+    return int(term.groups), list(win), list(strd), list(pad)
+
+
+def _term_params(where: str, term: SopTerm) -> List[int]:
+    """The term's parameters in lskd::distill_terms' params, after its kind (read_sop_term, csrc/sop_distill.cpp)."""
+    groups, win, strd, pad = op_params(where, term)
+    return [groups, *win, *strd, *pad]
 
 
 def _fake_forward(student, teacher, spatial_mask, channel_mask, groups, window, stride, padding):
@@ -132,8 +140,7 @@ def sop_distill(
     """
     op = "sop_distill"
     check_pair(op, student, teacher)
-    n, c, h, w = student.shape
-    win, strd, pad = sop_geometry(op, c, h, w, groups, window, stride)
+    params = op_params(op, SopTerm(student, teacher, groups=groups, window=window, stride=stride))
     code = reduction_code(op, reduction)
     if spatial_mask is None and channel_mask is None:
         m = k = None
@@ -143,14 +150,12 @@ def sop_distill(
     if impl == "cpu" or impl == "cuda":
         # One op and one autograd node: the C++ forward and the reduction; the
         # C++ autograd kernel keeps the teacher and the masks out of the graph.
-        return torch.ops.lskd.sop_distill(student, teacher, m, k, groups, win, strd, pad, code)
+        return torch.ops.lskd.sop_distill(student, teacher, m, k, *params, code)
     if impl == "reference":
         acc = acc_dtype(student.dtype)
         dist = reference.sop_distances(
             student.to(acc), teacher.to(acc), None if m is None else m[:, None], k, groups, window, stride
         )
     else:
-        dist, _ = torch.ops.lskd_triton.sop_forward(
-            student, teacher.detach(), m, k, int(groups), list(win), list(strd), list(pad)
-        )
+        dist, _ = torch.ops.lskd_triton.sop_forward(student, teacher.detach(), m, k, *params)
     return reduce(dist, reduction)
