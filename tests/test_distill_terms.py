@@ -30,6 +30,7 @@ from helpers import (
 
 import lskd
 from lskd import PodTerm, SopTerm, reference
+from lskd.ops.distill_terms import _prepared
 
 DTYPES = [torch.float32, F64, torch.bfloat16, torch.float16]
 
@@ -217,17 +218,23 @@ def test_bad_input_names_the_term():
 
 
 @pytest.mark.skipif(not lskd._extension.has_cpu_kernels(), reason="lskd._C not loaded")
+def _packed(term) -> list:
+    """A term's params as lskd::distill_terms takes them (kind first), packed by the op's own code."""
+    return _prepared("test", term, {})[2]
+
+
 def test_raw_op_rejects_inconsistent_params():
     s, t = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
     op = torch.ops.lskd.distill_terms
+    pod = _packed(PodTerm(s, t, scales=(1, 2, 4)))
     with pytest.raises(RuntimeError, match="params describe 2 terms but got 1 students"):
-        op([s], [t], [None], [None], [0, 1, 1, 1, 0, 1, 1, 1], 1)
+        op([s], [t], [None], [None], pod + pod, 1)
     with pytest.raises(RuntimeError, match="term 0 has kind 5"):
         op([s], [t], [None], [None], [5], 1)
-    with pytest.raises(RuntimeError, match="params end inside the scales of term 0"):
-        op([s], [t], [None], [None], [0, 1, 3, 1], 1)
+    with pytest.raises(RuntimeError, match="params end inside the .* of term 0"):
+        op([s], [t], [None], [None], pod[:-1], 1)
     with pytest.raises(RuntimeError, match="reduction must be 0"):
-        op([s], [t], [None], [None], [0, 1, 1, 1], 4)
+        op([s], [t], [None], [None], pod, 4)
 
 
 @pytest.mark.compile
@@ -239,7 +246,12 @@ def test_opcheck(requires_grad):
     s2 = torch.randn(2, 6, 5, 5, dtype=torch.bfloat16, requires_grad=requires_grad)
     t1, t2 = torch.randn_like(s1), torch.randn_like(s2)
     m2, k2 = torch.rand(2, 5, 5), (torch.rand(2, 6) < 0.6).float()
-    params = [0, 1, 2, 1, 2] + [0, 0, 1, 1] + [1, 2, 3, 3, 2, 2, 1, 1]  # pod (1, 2); pod (1), raw; sop
+    terms = [
+        PodTerm(s1, t1, scales=(1, 2)),
+        PodTerm(s2, t2, scales=(1,), square=False),
+        SopTerm(s2, t2, groups=2, window=3),
+    ]
+    params = [p for term in terms for p in _packed(term)]
     args = ([s1, s2, s2], [t1, t2, t2], [None, m2, m2], [None, k2, k2], params, 1)
     torch.library.opcheck(torch.ops.lskd.distill_terms.default, args)
 
