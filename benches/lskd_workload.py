@@ -169,11 +169,22 @@ def floor_bytes(op: str, shapes, dtype: torch.dtype) -> int:
     passes (its backward needs only the pooled gradient). md_masks: read the
     three feature sets once. lskd_loss: 4 passes over every map (the MCD term
     on map 4 shares the passes of its MD term when fused; counted once).
+    ce_unkd: :func:`ce_unkd_floor_bytes`.
     """
     elem = torch.empty((), dtype=dtype).element_size()
+    if op == "ce_unkd":
+        return ce_unkd_floor_bytes(shapes, elem)
     numel = sum(n * c * h * w for n, c, h, w in shapes)
     passes = {"pod_distill": 4, "sop_distill": 3, "md_masks": 3, "lskd_loss": 4}[op]
     return passes * numel * elem
+
+
+def ce_unkd_floor_bytes(shapes, elem: int) -> int:
+    """ce_unkd, ``shapes = [student (N, K, h, w), teacher (N, O, h, w), labels (N, 1, H, W)]``: read
+    the student's and the teacher's logits and the int64 labels once, write the student's gradient
+    once; nothing at the labels' resolution beyond reading them."""
+    (n, k, h, w), (_, o, _, _), (_, _, hh, ww) = shapes
+    return elem * (2 * n * k * h * w + n * o * h * w) + 8 * n * hh * ww
 
 
 def sync() -> None:

@@ -204,3 +204,39 @@ def test_lskd_loss(benchmark, device_info, backend, dtype):
 
     benchmark.group = f"lskd_loss six maps {_dtype_id(dtype)}"
     _run(benchmark, device_info, "lskd_loss", backend, shapes, dtype, fn, s)
+
+
+# ---------------------------------------------------------------- ce_unkd
+# The output-level losses of an LSKD step: the logits of the step bench's shapes (GPU: VOC,
+# 21 classes of which 16 old, output stride 16 at 512; CPU: the demo's 5 classes, stride 8 at 64).
+CE_UNKD_SHAPE = (12, 21, 16, 32, 512) if wl.on_gpu() else (16, 5, 4, 8, 64)  # N, K, O, h, H
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("backend", _backends("ce_unkd"))
+def test_ce_unkd(benchmark, device_info, backend, dtype):
+    """CE (per-image factor, ignored pixels) + 10 * UNKD on logits upsampled to the labels, fwd + bwd;
+    eager = lskd.reference.ce_unkd_sums (F.interpolate, then the losses) in the input dtype."""
+    n, k, o, h, size = CE_UNKD_SHAPE
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(n, k, h, h, generator=g).to(DEV, dtype).requires_grad_()
+    teacher = torch.randn(n, o, h, h, generator=g).to(DEV, dtype)
+    labels = torch.randint(0, k, (n, size, size), generator=g)
+    labels[:, : size // 8] = 255
+    labels, weight = labels.to(DEV), torch.rand(n, generator=g).to(DEV)
+    pixels = labels.numel()
+
+    def ref():
+        ce, unkd = reference.ce_unkd_sums(student, teacher, labels, weight, (size, size))
+        ((ce.sum() + 10 * unkd.sum()) / pixels).backward()
+
+    fn = _loss_fn(ref, backend, ("ce_unkd", dtype))
+    if fn is None:
+
+        def fn():
+            out = lskd.ce_unkd(student, teacher, labels, weight, backend=backend)
+            ((out.ce.sum() + 10 * out.unkd.sum()) / pixels).backward()
+
+    shapes = [(n, k, h, h), (n, o, h, h), (n, 1, size, size)]
+    benchmark.group = f"ce_unkd {_shape_id(shapes[0])} to {size} {_dtype_id(dtype)}"
+    _run(benchmark, device_info, "ce_unkd", backend, shapes, dtype, fn, [student])

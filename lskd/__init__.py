@@ -10,7 +10,16 @@ from . import (
     ops,
     reference,
 )
-from .ops import PodTerm, SopTerm, available_backends, distill_terms, md_masks, pod_distill, sop_distill
+from .ops import (
+    PodTerm,
+    SopTerm,
+    available_backends,
+    ce_unkd,
+    distill_terms,
+    md_masks,
+    pod_distill,
+    sop_distill,
+)
 
 __version__ = "0.1.0"
 
@@ -24,6 +33,7 @@ __all__ = [
     "PodTerm",
     "SopTerm",
     "md_masks",
+    "ce_unkd",
     "available_backends",
     "__version__",
 ]

@@ -26,6 +26,7 @@ __all__ = [
     "sop_distances",
     "md_statistics",
     "md_masks",
+    "ce_unkd_sums",
 ]
 
 
@@ -180,3 +181,38 @@ def md_masks(
         spatial.append(m)
         channel.append(nc)
     return torch.stack(spatial)[:, None], torch.stack(channel)
+
+
+def ce_unkd_sums(
+    student: torch.Tensor,
+    teacher: Optional[torch.Tensor],
+    targets: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    size: Tuple[int, int],
+    ignore_index: int = 255,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-image sums of the cross-entropy and of UNKD on the logits upsampled to ``size``
+    (docs/MATHEMATICS.md §2.4): ``(ce [N], unkd [N])``, zeros for a term whose input is None.
+
+    student ``[N, K, h, w]``; teacher ``[N, O, h, w]`` (O <= K, no gradient); targets ``[N, H, W]``
+    int64 in [0, K) or ``ignore_index``; weight ``[N]`` (per-image factor of the CE) or None.
+    """
+    z = F.interpolate(student, size=tuple(size), mode="bilinear", align_corners=False)
+    n = z.shape[0]
+    lse = torch.logsumexp(z, dim=1)  # [N, H, W]
+    ce = unkd = z.new_zeros(n)
+    if targets is not None:
+        valid = targets != ignore_index
+        picked = z.gather(1, torch.where(valid, targets, 0)[:, None])[:, 0]
+        per_pixel = torch.where(valid, lse - picked, 0.0)
+        if weight is not None:
+            per_pixel = per_pixel * weight.to(z.dtype)[:, None, None]
+        ce = per_pixel.sum(dim=(1, 2))
+    if teacher is not None:
+        t = F.interpolate(teacher.detach(), size=tuple(size), mode="bilinear", align_corners=False)
+        o = t.shape[1]
+        p = torch.softmax(t, dim=1)
+        lse_bg = torch.logsumexp(torch.cat([z[:, :1], z[:, o:]], dim=1), dim=1)
+        inner = p[:, 0] * (lse_bg - lse) + (p[:, 1:] * (z[:, 1:o] - lse[:, None])).sum(dim=1)
+        unkd = (-inner / o).sum(dim=(1, 2))
+    return ce, unkd

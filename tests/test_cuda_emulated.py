@@ -17,6 +17,7 @@ only what changed, in build/cuda_emu).
 from __future__ import annotations
 
 import ctypes
+import random
 import subprocess
 from pathlib import Path
 
@@ -42,6 +43,8 @@ from helpers import (
     random_sop_params,
     stat_inputs,
 )
+from test_ce_unkd import check_raw_op as check_ce_unkd_raw
+from test_ce_unkd import random_inputs as ce_unkd_inputs
 
 import lskd
 from lskd import reference
@@ -325,6 +328,31 @@ def test_md_masks_ties_nan_and_global_rows(emu, dtype, seed):
         _check_md_masks(emu, a, cb, dn, labels)
     finally:
         emu.emu_set_device(4, 227 * 1024)
+
+
+# --------------------------------------------------------------------------- ce_unkd
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", range(3))
+def test_ce_unkd_random_cases(emu, dtype, case, seed):
+    """The CUDA kernel of ce_unkd (one thread per output pixel, atomics) against the reference:
+    upsampling, identity and downsampling, K up to 40, ignored pixels, optional inputs, layouts."""
+    rng = random.Random(seed)
+    inputs = ce_unkd_inputs(rng, dtype, ("contiguous", "channels_last", "strided")[case], small=True)
+    check_ce_unkd_raw(emu.ce_unkd_forward, *inputs)
+
+
+def test_ce_unkd_many_classes_and_bad_target(emu):
+    rng = random.Random(5)
+    student, teacher, targets, weight, size = ce_unkd_inputs(rng, torch.float32, "channels_last", small=True, k=151)
+    check_ce_unkd_raw(
+        emu.ce_unkd_forward, student, torch.randn(student.shape[0], 120, *student.shape[2:]), targets, weight, size
+    )
+    y = torch.zeros(2, 4, 4, dtype=torch.int64)
+    y[1, 1, 1] = 3
+    ce = emu.ce_unkd_forward(torch.randn(2, 3, 2, 2), None, y, None, [4, 4], 255, False)[0]
+    assert torch.isfinite(ce[0]) and torch.isnan(ce[1])
 
 
 @pytest.mark.parametrize("op", ("pod", "sop"))

@@ -1,11 +1,13 @@
 """Functional API: the fused LSKD distillation operators.
 
 ``pod_distill`` (Local POD / MD), ``sop_distill`` (MCD), ``distill_terms``
-(several of those terms in one fused call) and ``md_masks``,
+(several of those terms in one fused call), ``md_masks`` and ``ce_unkd`` (the
+cross-entropy and UNKD on upsampled logits),
 each with ``backend="auto" | "reference" | "cpu" | "cuda" | "triton"``.
 """
 
 from ._backends import BACKENDS, available_backends
+from .ce_unkd import CeUnkd, ce_unkd
 from .distill_terms import PodTerm, SopTerm, Term, distill_terms
 from .md_masks import batched_quantile, md_masks, md_statistics
 from .pod_distill import pod_distill
@@ -17,6 +19,8 @@ __all__ = [
     "pod_distill",
     "sop_distill",
     "distill_terms",
+    "ce_unkd",
+    "CeUnkd",
     "PodTerm",
     "SopTerm",
     "Term",

@@ -31,6 +31,7 @@ AUTO_ORDER: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "sop_distill": {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
     "md_masks": {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
     "distill_terms": {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
+    "ce_unkd": {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
 }
 
 _TRITON_HOOKS: List[Callable[[], None]] = []

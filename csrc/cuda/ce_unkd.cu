@@ -1,0 +1,261 @@
+// CUDA kernel of lskd::ce_unkd_forward (cross-entropy and unbiased KD on bilinearly upsampled
+// logits, fused). The definition and the formulas are in csrc/ce_unkd.cpp.
+//
+// One launch, ce_unkd_kernel: one thread per output pixel, blocks of kThreads pixels of one
+// image (grid: N * tiles). Nothing is stored at the output resolution and nothing per class:
+// each thread interpolates its pixel's K logits (and O teacher logits) from the four
+// low-resolution neighbours again in each of its passes over the classes (any K):
+//   1. the max m over all classes, the max mb over the background classes {0} U [O, K) and the
+//      teacher's max;
+//   2. S = sum of exp(z - m) over the foreground classes (all classes without a teacher),
+//      Sb = sum of exp(z - mb) over the background ones (neither lse can underflow), the teacher
+//      softmax sums, z_y; then the pixel's losses, summed over the block (fixed order) and added
+//      to ce[n] / unkd[n] with one atomicAdd per block;
+//   3. (with_grad) the gradients with respect to z, scattered to the four low-resolution
+//      neighbours of grad_ce / grad_unkd with atomicAdd (weights that are exactly 0 are skipped).
+// Not deterministic: float atomics for the gradient scatter and for the per-image sums (the
+// order of the additions varies from run to run), as torch's upsample_bilinear2d backward on
+// CUDA. The CPU kernel is deterministic.
+#include "ce_unkd.h"
+#include "device_utils.cuh"
+
+#include <array>
+#include <tuple>
+
+namespace lskd {
+
+namespace cuda {
+namespace {
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+__device__ __forceinline__ float nan_acc(float) { return __uint_as_float(0x7fc00000u); }
+__device__ __forceinline__ double nan_acc(double) { return __longlong_as_double(0x7ff8000000000000LL); }
+
+struct CeUnkdGeom {
+  int h, w, H, W;
+  int K, O;                // O = 0 without a teacher
+  int tiles;               // blocks per image
+  int64_t ignore_index;
+};
+
+// Source index pair and weights of output index o along an axis of `in` inputs (upsample_bilinear2d,
+// align_corners=False, scale = in / out computed on the host).
+template <typename acc>
+__device__ __forceinline__ void source_index(int o, int in, acc scale, int& i0, int& i1, acc& l0, acc& l1) {
+  acc src = scale * (static_cast<acc>(o) + acc(0.5)) - acc(0.5);
+  if (src < acc(0)) src = acc(0);
+  i0 = min(static_cast<int>(src), in - 1);
+  i1 = i0 + (i0 < in - 1 ? 1 : 0);
+  l1 = src - static_cast<acc>(i0);
+  l0 = acc(1) - l1;
+}
+
+// The four neighbours of a pixel in one tensor (element offsets) and the interpolation weights.
+template <typename acc>
+struct Bilinear {
+  int64_t o00, o01, o10, o11;
+  acc l0y, l1y, l0x, l1x;
+  template <typename T>
+  __device__ __forceinline__ acc at(const T* __restrict__ p) const {
+    return l0y * (l0x * to_acc(p[o00]) + l1x * to_acc(p[o01])) + l1y * (l0x * to_acc(p[o10]) + l1x * to_acc(p[o11]));
+  }
+};
+
+// g[c plane] += adjoint of the interpolation of v (the four weighted neighbours; atomics).
+template <typename acc>
+__device__ __forceinline__ void scatter(acc* __restrict__ g, const int (&go)[4], const acc (&gw)[4], acc v) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    if (gw[k] != acc(0)) atomicAdd(g + go[k], gw[k] * v);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    ce_unkd_kernel(const scalar_t* __restrict__ x, Strides4 sx, const scalar_t* __restrict__ t, Strides4 st,
+                   const int64_t* __restrict__ targets, const acc_t<scalar_t>* __restrict__ weight, CeUnkdGeom G,
+                   acc_t<scalar_t> scale_h, acc_t<scalar_t> scale_w, bool with_grad, acc_t<scalar_t>* __restrict__ ce,
+                   acc_t<scalar_t>* __restrict__ unkd, acc_t<scalar_t>* __restrict__ grad_ce,
+                   acc_t<scalar_t>* __restrict__ grad_unkd) {
+  using acc = acc_t<scalar_t>;
+  const int64_t blk = blockIdx.x;
+  const int64_t n = blk / G.tiles;
+  const int p = static_cast<int>(blk - n * G.tiles) * kThreads + static_cast<int>(threadIdx.x);
+  const bool active = p < G.H * G.W;
+  const bool has_t = t != nullptr, has_y = targets != nullptr;
+  const int K = G.K, O = G.O;
+
+  acc lce = acc(0), lun = acc(0);
+  if (active) {
+    const int r = p / G.W, q = p - (p / G.W) * G.W;
+    int i0, i1, j0, j1;
+    Bilinear<acc> bx, bt;
+    source_index(r, G.h, scale_h, i0, i1, bx.l0y, bx.l1y);
+    source_index(q, G.w, scale_w, j0, j1, bx.l0x, bx.l1x);
+    bx.o00 = i0 * sx.h + j0 * sx.w;
+    bx.o01 = i0 * sx.h + j1 * sx.w;
+    bx.o10 = i1 * sx.h + j0 * sx.w;
+    bx.o11 = i1 * sx.h + j1 * sx.w;
+    bt = bx;
+    bt.o00 = i0 * st.h + j0 * st.w;
+    bt.o01 = i0 * st.h + j1 * st.w;
+    bt.o10 = i1 * st.h + j0 * st.w;
+    bt.o11 = i1 * st.h + j1 * st.w;
+    const scalar_t* xn = x + n * sx.n;
+    const scalar_t* tn = has_t ? t + n * st.n : nullptr;
+
+    // target class (-1: none) and the CE factor: weight, 0 when ignored, NaN when invalid
+    int y = -1;
+    acc wp = acc(0);
+    if (has_y) {
+      const int64_t v = targets[n * G.H * G.W + p];
+      if (v != G.ignore_index) {
+        if (v >= 0 && v < K) {
+          y = static_cast<int>(v);
+          wp = weight != nullptr ? weight[n] : acc(1);
+        } else {
+          wp = nan_acc(acc(0));
+        }
+      }
+    }
+
+    // 1. maxima
+    acc m = bx.at(xn), mb = m, mt = has_t ? bt.at(tn) : acc(0);
+    for (int c = 1; c < K; ++c) {
+      const acc z = bx.at(xn + c * sx.c);
+      m = max(m, z);
+      if (has_t && c >= O) mb = max(mb, z);
+    }
+    for (int c = 1; c < O; ++c) mt = max(mt, bt.at(tn + c * st.c));
+
+    // 2. sums and losses
+    acc S = acc(0), Sb = acc(0), St = acc(0), et0 = acc(0), tz = acc(0), t1 = acc(0), dy = acc(0);
+    for (int c = 0; c < K; ++c) {
+      const acc z = bx.at(xn + c * sx.c);
+      const acc d = z - m;
+      if (c == y) dy = d;
+      if (has_t && (c == 0 || c >= O)) {
+        Sb += exp_acc(z - mb);
+      } else {
+        S += exp_acc(d);
+      }
+      if (c < O) {
+        const acc et = exp_acc(bt.at(tn + c * st.c) - mt);
+        St += et;
+        if (c == 0) {
+          et0 = et;
+        } else {
+          tz += et * d;
+          t1 += et;
+        }
+      }
+    }
+    acc logS, invS, rb = acc(0), ib = acc(0), invSt = acc(0), P0 = acc(0);
+    if (has_t) {
+      const acc eb = exp_acc(mb - m);
+      const acc Stot = S + Sb * eb;
+      logS = log_acc(Stot);
+      invS = acc(1) / Stot;
+      rb = eb * invS;
+      ib = acc(1) / Sb;
+      invSt = acc(1) / St;
+      P0 = et0 * invSt;
+      // -(1/O) (P0 (lse_bg - lse) + sum_{c=1}^{O-1} P_c (z_c - lse))
+      lun = -(P0 * ((mb - m) + log_acc(Sb) - logS) + (tz - t1 * logS) * invSt) / static_cast<acc>(O);
+    } else {
+      logS = log_acc(S);
+      invS = acc(1) / S;
+    }
+    if (has_y) lce = wp * (logS - dy);
+
+    // 3. gradients
+    if (with_grad) {
+      const int hw = G.h * G.w;
+      const int go[4] = {i0 * G.w + j0, i0 * G.w + j1, i1 * G.w + j0, i1 * G.w + j1};
+      const acc gw[4] = {bx.l0y * bx.l0x, bx.l0y * bx.l1x, bx.l1y * bx.l0x, bx.l1y * bx.l1x};
+      const acc invO = has_t ? acc(1) / static_cast<acc>(O) : acc(0);
+      acc* gce = grad_ce != nullptr ? grad_ce + n * K * hw : nullptr;
+      acc* gun = grad_unkd != nullptr ? grad_unkd + n * K * hw : nullptr;
+      for (int c = 0; c < K; ++c) {
+        const acc z = bx.at(xn + c * sx.c);
+        const bool bg = has_t && (c == 0 || c >= O);
+        acc q, gu = acc(0);
+        if (bg) {
+          const acc e = exp_acc(z - mb);
+          q = e * rb;
+          gu = invO * (q - P0 * e * ib);
+        } else {
+          q = exp_acc(z - m) * invS;
+          if (has_t) gu = invO * (q - exp_acc(bt.at(tn + c * st.c) - mt) * invSt);
+        }
+        if (gce != nullptr) scatter(gce + c * hw, go, gw, wp * (q - (c == y ? acc(1) : acc(0))));
+        if (gun != nullptr) scatter(gun + c * hw, go, gw, gu);
+      }
+    }
+  }
+
+  // per-image sums: the block's sum (fixed order), then one atomicAdd
+  if (targets != nullptr) {
+    const acc s = block_sum(lce);
+    if (threadIdx.x == 0) atomicAdd(ce + n, s);
+  }
+  if (t != nullptr) {
+    const acc s = block_sum(lun);
+    if (threadIdx.x == 0) atomicAdd(unkd + n, s);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_unkd_forward_cuda(
+    const at::Tensor& student, const c10::optional<at::Tensor>& teacher, const c10::optional<at::Tensor>& targets,
+    const c10::optional<at::Tensor>& weight, at::IntArrayRef size, int64_t ignore_index, bool with_grad) {
+  const auto dims = check_ce_unkd(student, teacher, targets, weight, size);
+  check_cuda_input("ce_unkd_forward", student, "student");
+  c10::cuda::CUDAGuard guard(student.device());
+  const bool has_t = teacher.has_value(), has_y = targets.has_value();
+  auto out = ce_unkd_outputs(student, with_grad && has_y, with_grad && has_t);  // ce, unkd zero-filled
+  const int64_t N = student.size(0), K = student.size(1), h = student.size(2), w = student.size(3);
+  if (N == 0 || (!has_t && !has_y)) return out;
+  TORCH_CHECK(K * h * w < (int64_t(1) << 31) && N * ceil_div(dims[1] * dims[2], kThreads) < (int64_t(1) << 31),
+              "lskd: ce_unkd_forward: input too large");
+  at::Tensor& grad_ce = std::get<2>(out);
+  at::Tensor& grad_unkd = std::get<3>(out);
+  if (grad_ce.numel() > 0) grad_ce.zero_();
+  if (grad_unkd.numel() > 0) grad_unkd.zero_();
+  CeUnkdGeom G;
+  G.h = static_cast<int>(h);
+  G.w = static_cast<int>(w);
+  G.H = static_cast<int>(dims[1]);
+  G.W = static_cast<int>(dims[2]);
+  G.K = static_cast<int>(K);
+  G.O = static_cast<int>(dims[0]);
+  G.tiles = static_cast<int>(ceil_div(dims[1] * dims[2], kThreads));
+  G.ignore_index = ignore_index;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Strides4 sx = strides4(student);
+  const Strides4 st = has_t ? strides4(*teacher) : Strides4{0, 0, 0, 0};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "lskd_ce_unkd_forward_cuda", [&] {
+    using acc = acc_t<scalar_t>;
+    const acc scale_h = static_cast<acc>(h) / static_cast<acc>(G.H);
+    const acc scale_w = static_cast<acc>(w) / static_cast<acc>(G.W);
+    const scalar_t* tp = has_t ? teacher->data_ptr<scalar_t>() : nullptr;
+    const int64_t* yp = has_y ? targets->data_ptr<int64_t>() : nullptr;
+    acc* gce = grad_ce.numel() > 0 ? grad_ce.data_ptr<acc>() : nullptr;
+    acc* gun = grad_unkd.numel() > 0 ? grad_unkd.data_ptr<acc>() : nullptr;
+    ce_unkd_kernel<scalar_t><<<static_cast<unsigned>(N * G.tiles), kThreads, 0, stream>>>(
+        student.data_ptr<scalar_t>(), sx, tp, st, yp, opt_data<acc>(weight), G, scale_h, scale_w, with_grad,
+        std::get<0>(out).data_ptr<acc>(), std::get<1>(out).data_ptr<acc>(), gce, gun);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace lskd
+
+TORCH_LIBRARY_IMPL(lskd, CUDA, m) {
+  m.impl("ce_unkd_forward", &lskd::cuda::ce_unkd_forward_cuda);
+}

@@ -1,0 +1,253 @@
+"""ce_unkd (cross-entropy and UNKD on upsampled logits, fused) against its float64 reference.
+
+* every backend on random cases: shapes (upsampling by non-integer factors, identity,
+  downsampling), K up to 151, O <= K, ignored pixels, per-image weights, the teacher or the targets
+  alone, all four dtypes and four layouts; values and the gradient of a random combination;
+* the reference itself against the methods' eager definitions (CE of lskd.methods.base, MiB's
+  unbiased_kd on F.interpolate'd logits);
+* gradcheck, opcheck, torch.compile, no-grad calls, determinism on the CPU, clear errors, and an
+  out-of-range target that reaches a kernel giving NaN;
+* the same random cases on a GPU (marked gpu).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DTYPES, LAYOUTS, assert_grad_close, assert_rel_close, dtype_id, to_layout
+
+import lskd
+from lskd import reference
+from lskd._dtypes import acc_dtype
+from lskd.methods.base import cross_entropy
+from lskd.methods.mib import unbiased_kd
+
+F64 = torch.float64
+IGNORE = 255
+#: Relative error of the per-image sums (float32 accumulation from exactly upcast inputs) and
+#: relative norm error of the gradient (rounded to the input dtype: 2^-9 for bf16, 2^-12 for f16).
+VALUE_TOL = {F64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}
+GRAD_TOL = {F64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 3e-3}
+
+
+def _sizes(rng: random.Random, small: bool):
+    """``(h, w, H, W)``: upsampling by a non-integer factor, the identity or downsampling."""
+    h, w = rng.randint(1, 5 if small else 12), rng.randint(1, 5 if small else 12)
+    kind = rng.choice(["up", "up", "same", "down"])
+    if kind == "same":
+        return h, w, h, w
+    if kind == "down":
+        return h + 3, w + 4, max(1, h - 1), rng.randint(1, w + 2)
+    top = 3 if small else 8
+    return h, w, h * rng.randint(1, top) + rng.randint(0, 3), w * rng.randint(1, top) + rng.randint(0, 3)
+
+
+def random_inputs(rng: random.Random, dtype: torch.dtype, layout: str, small: bool, device="cpu", k=None):
+    """``(student, teacher or None, targets or None, weight or None, size)`` of one random case."""
+    n = rng.randint(1, 3)
+    k = k or rng.randint(1, 12 if small else 40)
+    o = rng.randint(1, k)
+    h, w, hh, ww = _sizes(rng, small)
+    student = to_layout((torch.randn(n, k, h, w) * rng.choice([1.0, 4.0])).to(dtype), layout).to(device)
+    teacher = None if rng.random() < 0.2 else (torch.randn(n, o, h, w) * 3).to(dtype).to(device)
+    targets = None
+    if teacher is None or rng.random() < 0.8:
+        targets = torch.randint(0, k, (n, hh, ww))
+        targets[torch.rand(n, hh, ww) < rng.choice([0.0, 0.3, 1.0])] = IGNORE
+        targets = targets.to(device)
+    weight = torch.rand(n, device=device) if rng.random() < 0.5 else None
+    return student, teacher, targets, weight, (hh, ww)
+
+
+def check_case(backend, student, teacher, targets, weight, size, rng) -> None:
+    """Values and the gradient of ``a * ce + b * unkd`` (random per-image a, b) against the float64
+    reference on the same (upcast) inputs."""
+    dtype = student.dtype
+    student = student.detach().requires_grad_()
+    got = lskd.ce_unkd(student, teacher, targets, weight, size, IGNORE, backend=backend)
+    n = student.shape[0]
+    a, b = torch.rand(n, dtype=F64), torch.rand(n, dtype=F64)
+    (got.ce.double().cpu() * a + got.unkd.double().cpu() * b).sum().backward()
+    s64 = student.detach().double().cpu().requires_grad_()
+    t64 = None if teacher is None else teacher.double().cpu()
+    w64 = None if weight is None else weight.double().cpu()
+    y = None if targets is None else targets.cpu()
+    ce, unkd = reference.ce_unkd_sums(s64, t64, y, w64, size, IGNORE)
+    (ce * a + unkd * b).sum().backward()
+    for name, g, e in (("ce", got.ce, ce), ("unkd", got.unkd, unkd)):
+        assert g.dtype == acc_dtype(dtype) and g.shape == (n,), (name, g.dtype, g.shape)
+        assert_rel_close(g, e, VALUE_TOL[dtype], name)
+    assert student.grad is not None and student.grad.dtype == dtype
+    assert_grad_close(student.grad, s64.grad, GRAD_TOL[dtype])
+
+
+def check_raw_op(op, student, teacher, targets, weight, size) -> None:
+    """The raw op ``op`` (lskd::ce_unkd_forward or its emulated CUDA twin): values and both returned
+    gradients against the float64 reference's autograd on the same (upcast) inputs."""
+    acc = acc_dtype(student.dtype)
+    w = None if weight is None else weight.to(acc)
+    ce, unkd, grad_ce, grad_unkd = op(student, teacher, targets, w, list(size), IGNORE, True)
+    s64 = student.detach().double().requires_grad_()
+    t64 = None if teacher is None else teacher.double()
+    ref = reference.ce_unkd_sums(s64, t64, targets, None if weight is None else weight.double(), size, IGNORE)
+    for name, g, e, grad, present in (
+        ("ce", ce, ref[0], grad_ce, targets is not None),
+        ("unkd", unkd, ref[1], grad_unkd, teacher is not None),
+    ):
+        assert_rel_close(g, e, VALUE_TOL[student.dtype], name)
+        if not present:
+            assert grad.numel() == 0, name
+            continue
+        (expected,) = torch.autograd.grad(e.sum(), s64, retain_graph=True)
+        assert grad.dtype == acc and grad.is_contiguous(), name
+        assert_grad_close(grad, expected, VALUE_TOL[student.dtype] * 10, f"grad_{name}")
+
+
+@pytest.mark.cases(default=12, triton=4)
+def test_random_cases(backend, case, seed):
+    rng = random.Random(seed)
+    dtype = DTYPES[case % len(DTYPES)]
+    layout = LAYOUTS[(case // len(DTYPES)) % len(LAYOUTS)]
+    check_case(backend, *random_inputs(rng, dtype, layout, small=backend == "triton"), rng)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_many_classes(backend, dtype, seed):
+    """K = 151 (ADE20K with the background): the kernels loop over channel blocks."""
+    rng = random.Random(seed)
+    student, teacher, targets, weight, size = random_inputs(rng, dtype, "channels_last", small=True, k=151)
+    if teacher is None:
+        teacher = torch.randn(student.shape[0], 100, *student.shape[2:]).to(dtype)
+    check_case(backend, student, teacher, targets, weight, size, rng)
+
+
+def test_reference_is_the_methods_losses(seed):
+    """The reference sums, divided by N*H*W, are the methods' eager CE (mean over all pixels, per-image
+    factor) and MiB's UNKD on F.interpolate'd logits."""
+    s = torch.randn(2, 6, 5, 7, dtype=F64)
+    t = torch.randn(2, 4, 5, 7, dtype=F64)
+    y = torch.randint(0, 6, (2, 17, 19))
+    y[:, :3] = IGNORE
+    w = torch.rand(2, dtype=F64)
+    ce, unkd = reference.ce_unkd_sums(s, t, y, w, (17, 19), IGNORE)
+    pixels = y.numel()
+    eager_ce = cross_entropy(s, y, IGNORE, pixel_weight=w[:, None, None], mean_over="all")
+    up = lambda x: F.interpolate(x, size=(17, 19), mode="bilinear", align_corners=False)  # noqa: E731
+    torch.testing.assert_close(ce.sum() / pixels, eager_ce, rtol=1e-12, atol=0)
+    torch.testing.assert_close(unkd.sum() / pixels, unbiased_kd(up(s), up(t)), rtol=1e-12, atol=0)
+
+
+def test_no_grad_and_determinism(backend, seed):
+    rng = random.Random(seed)
+    student, teacher, targets, weight, size = random_inputs(rng, torch.float32, "contiguous", small=True)
+    with_grad = lskd.ce_unkd(student.requires_grad_(), teacher, targets, weight, size, backend=backend)
+    with torch.no_grad():
+        plain = lskd.ce_unkd(student, teacher, targets, weight, size, backend=backend)
+    assert plain.ce.grad_fn is None and plain.unkd.grad_fn is None
+    if backend in ("cpu", "reference"):  # the GPU kernels add with atomics
+        assert torch.equal(plain.ce, with_grad.ce.detach()) and torch.equal(plain.unkd, with_grad.unkd.detach())
+
+
+def test_unused_term_gets_no_gradient(backend):
+    """Backward through ce alone equals the gradient of ce computed alone (unkd's saved gradient unused)."""
+    s = torch.randn(2, 5, 4, 4, requires_grad=True)
+    t, y = torch.randn(2, 3, 4, 4), torch.randint(0, 5, (2, 9, 9))
+    both = lskd.ce_unkd(s, t, y, backend=backend)
+    (g_both,) = torch.autograd.grad(both.ce.sum(), s)
+    (g_alone,) = torch.autograd.grad(lskd.ce_unkd(s, None, y, backend=backend).ce.sum(), s)
+    torch.testing.assert_close(g_both, g_alone, rtol=1e-6, atol=1e-7)
+
+
+def test_double_backward_refused(compiled_backend):
+    s = torch.randn(1, 3, 2, 2, requires_grad=True)
+    out = lskd.ce_unkd(s, None, torch.zeros(1, 3, 3, dtype=torch.int64), backend=compiled_backend)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.ce.sum(), s, create_graph=True)
+
+
+def test_gradcheck(backend):
+    s = torch.randn(2, 4, 3, 4, dtype=F64, requires_grad=True)
+    t, y, w = torch.randn(2, 3, 3, 4, dtype=F64), torch.randint(0, 4, (2, 7, 5)), torch.rand(2, dtype=F64)
+    y[0, 0] = IGNORE
+
+    def fn(x):
+        out = lskd.ce_unkd(x, t, y, w, backend=backend)
+        return out.ce, out.unkd
+
+    assert torch.autograd.gradcheck(fn, (s,), eps=1e-6, atol=1e-8)
+
+
+def _raw_op(backend):
+    return torch.ops.lskd_triton.ce_unkd_forward if backend == "triton" else torch.ops.lskd.ce_unkd_forward
+
+
+@pytest.mark.compile
+def test_opcheck(compiled_backend):
+    op = _raw_op(compiled_backend)
+    s = torch.randn(2, 5, 3, 4, requires_grad=True)
+    t, y, w = torch.randn(2, 3, 3, 4), torch.randint(0, 5, (2, 6, 7)), torch.rand(2)
+    for args in (
+        (s, t, y, w, [6, 7], IGNORE, True),
+        (s, None, y, None, [6, 7], IGNORE, False),
+        (s, t, None, None, [5, 5], IGNORE, True),
+    ):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.compile
+def test_compile_matches_eager(compiled_backend):
+    s = torch.randn(2, 5, 4, 4, requires_grad=True)
+    t, y, w = torch.randn(2, 3, 4, 4), torch.randint(0, 5, (2, 9, 11)), torch.rand(2)
+
+    def loss(x):
+        out = lskd.ce_unkd(x, t, y, w, backend=compiled_backend)
+        return out.ce.mean() + 10 * out.unkd.mean()
+
+    eager = loss(s)
+    (g_eager,) = torch.autograd.grad(eager, s)
+    compiled = torch.compile(loss, fullgraph=True)(s)
+    (g_compiled,) = torch.autograd.grad(compiled, s)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(g_compiled, g_eager)
+
+
+def test_out_of_range_target_in_kernel_is_nan(compiled_backend):
+    """The wrapper rejects bad targets on the CPU; a kernel that gets one (a GPU call, unchecked there
+    to keep the host out of the iteration) makes that image's ce NaN, never a number."""
+    s, y = torch.randn(2, 3, 2, 2), torch.zeros(2, 4, 4, dtype=torch.int64)
+    y[1, 2, 2] = 7
+    ce = _raw_op(compiled_backend)(s, None, y, None, [4, 4], IGNORE, False)[0]
+    assert torch.isfinite(ce[0]) and torch.isnan(ce[1])
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(targets=torch.full((2, 4, 4), 9)), "target value 9"),
+        (dict(targets=torch.full((2, 4, 4), -1)), "target value -1"),
+        (dict(targets=torch.zeros(2, 4, 4, dtype=torch.int32)), "int64"),
+        (dict(teacher=torch.randn(2, 6, 3, 3)), "teacher must have shape"),
+        (dict(teacher=torch.randn(2, 2, 3, 3, dtype=F64)), "teacher is torch.float64"),
+        (dict(size=(5, 5)), "differs from the targets"),
+        (dict(weight=torch.ones(3)), "weight must be"),
+        (dict(teacher=None, targets=None, size=(4, 4)), "nothing to compute"),
+        (dict(targets=None), "give the output size"),
+        (dict(student=torch.randn(2, 5, 3)), r"shape \[N, C, H, W\]"),
+    ],
+)
+def test_clear_errors(change, match):
+    args = dict(student=torch.randn(2, 5, 3, 3), teacher=torch.randn(2, 2, 3, 3), targets=torch.zeros(2, 4, 4).long())
+    args.update(change)
+    with pytest.raises((ValueError, TypeError), match=match):
+        lskd.ce_unkd(**args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", range(8))
+def test_random_cases_gpu(gpu_backend, case, seed):
+    rng = random.Random(seed)
+    dtype = DTYPES[case % len(DTYPES)]
+    check_case(gpu_backend, *random_inputs(rng, dtype, LAYOUTS[case % len(LAYOUTS)], small=False, device="cuda"), rng)
