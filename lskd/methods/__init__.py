@@ -13,6 +13,7 @@ from .base import (
     IGNORE_INDEX,
     Method,
     StepContext,
+    class_argmax,
     collapse_new_into_background,
     cross_entropy,
     pod_scales,
@@ -77,4 +78,5 @@ __all__ = [
     "cross_entropy",
     "pod_scales",
     "upsample_logits",
+    "class_argmax",
 ]

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..models.deeplab import SegOutput
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "Method",
     "to_acc",
     "upsample_logits",
+    "class_argmax",
     "cross_entropy",
     "collapse_new_into_background",
     "teacher_like",
@@ -98,28 +100,42 @@ def upsample_logits(logits: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def class_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W] -> [N, H, W]`` int64: the first class of largest logit at each pixel, as
+    ``argmax(dim=1)`` (NaN counts as the largest). ``max(dim=1)`` gives the same indices; torch's CPU
+    argmax over a short channel dim is about 8x slower (7.6 against 0.9 ms on [16, 4, 64, 64]
+    float32, one thread), which was 6 % of an LSKD step on the CPU."""
+    return logits.max(dim=1).indices
+
+
 def cross_entropy(
     logits: torch.Tensor,
     targets: torch.Tensor,
     ignore_index: int = IGNORE_INDEX,
     pixel_weight: Optional[torch.Tensor] = None,
     mean_over: str = "valid",
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """Pixel cross-entropy of ``logits [N, K, H, W]`` (upsampled to ``targets [N, H, W]`` if needed).
+    """Pixel cross-entropy of ``logits [N, K, h, w]`` upsampled (bilinear) to ``targets [N, H, W]``.
 
     pixel_weight: optional ``[N, 1, 1]`` / ``[N, H, W]`` factor per pixel (PLOP's per-image factor).
     mean_over: ``"valid"`` averages over non-ignored pixels (``nn.CrossEntropyLoss`` with
         ignore_index; 0 when none is valid, never NaN); ``"all"`` averages over every pixel,
         ignored ones counting as 0 (PLOP's ``reduction='none'`` then ``.mean()``).
+    Without a per-pixel weight the fused :func:`lskd.ops.ce_unkd` computes it (``backend``), never
+    writing the upsampled logits; a per-pixel weight takes the eager path.
     """
-    logits = upsample_logits(logits, targets.shape[-2:])
-    loss = F.cross_entropy(to_acc(logits), targets, ignore_index=ignore_index, reduction="none")
-    if pixel_weight is not None:
-        loss = loss * pixel_weight
+    n = logits.shape[0]
+    if pixel_weight is None or pixel_weight.numel() == n:
+        weight = None if pixel_weight is None else pixel_weight.reshape(n)
+        total = ops.ce_unkd(logits, None, targets, weight, ignore_index=ignore_index, backend=backend).ce.sum()
+    else:
+        logits = upsample_logits(logits, targets.shape[-2:])
+        loss = F.cross_entropy(to_acc(logits), targets, ignore_index=ignore_index, reduction="none")
+        total = (loss * pixel_weight).sum()
     if mean_over == "all":
-        return loss.mean()
-    count = (targets != ignore_index).sum().clamp(min=1)
-    return loss.sum() / count
+        return total / targets.numel()
+    return total / (targets != ignore_index).sum().clamp(min=1)
 
 
 def collapse_new_into_background(logits: torch.Tensor, old_classes: int) -> torch.Tensor:

@@ -59,12 +59,10 @@ from .base import (
     IGNORE_INDEX,
     Method,
     StepContext,
-    cross_entropy,
     distilled_maps,
     pod_scales,
-    upsample_logits,
+    teacher_like,
 )
-from .mib import unbiased_kd
 from .plop import EntropyPseudoLabeler, PseudoLabelStatistics
 
 __all__ = [
@@ -436,11 +434,15 @@ class LSKD(PseudoLabelStatistics, Method):
         terms without distillation maps; also the search's upper-level objective, docs/MATHEMATICS.md §5.2).
         The CE is PLOP's (:func:`lskd.methods.plop.pseudo_labelled_ce`) on the batch's cached
         pseudo-labels (:meth:`pseudo_labels`)."""
-        size = labels.shape[-2:]
         targets, factor = self.pseudo_labels(labels, teacher_out.logits, ctx)
-        ce = cross_entropy(
-            student_out.logits, targets, self.labeler.ignore_index, pixel_weight=factor[:, None, None], mean_over="all"
+        s_logits = student_out.logits
+        sums = ops.ce_unkd(
+            s_logits,
+            teacher_like(teacher_out.logits, s_logits),
+            targets,
+            factor,
+            ignore_index=self.labeler.ignore_index,
+            backend=self.backend,
         )
-        s_logits = upsample_logits(student_out.logits, size)
-        t_logits = upsample_logits(teacher_out.logits, size)
-        return {"ce": ce, "unkd": self.unkd_factor * unbiased_kd(s_logits, t_logits)}
+        pixels = targets.numel()  # both terms are means over all N * H * W label pixels
+        return {"ce": sums.ce.sum() / pixels, "unkd": self.unkd_factor * (sums.unkd.sum() / pixels)}

@@ -53,6 +53,7 @@ from .base import (
     IGNORE_INDEX,
     Method,
     StepContext,
+    class_argmax,
     cross_entropy,
     distilled_maps,
     pod_scales,
@@ -189,7 +190,7 @@ def pseudo_label_counts(
             f"expected O = {old_classes}"
         )
     ent = normalized_entropy(t)
-    pred = t.argmax(dim=1)
+    pred = class_argmax(t)
     accepted = ent < thresholds.to(device=ent.device, dtype=ent.dtype)[pred]
     background = labels < old_classes
     targets = torch.where(background, torch.where(accepted, pred, torch.full_like(pred, ignore_index)), labels)
@@ -251,7 +252,7 @@ class EntropyPseudoLabeler:
             logits = upsample_logits(teacher(images).logits, labels.shape[-2:])
             bg = labels < old_classes
             ent = normalized_entropy(logits)[bg]
-            cls = logits.argmax(dim=1)[bg]
+            cls = class_argmax(logits)[bg]
             b = (ent * self.bins).long().clamp(0, self.bins - 1)
             hist += torch.bincount(cls * self.bins + b, minlength=old_classes * self.bins)
         if dist.is_available() and dist.is_initialized():

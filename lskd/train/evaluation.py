@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import pad_collate
+from ..methods.base import class_argmax
 from . import report
 from .checkpoint import check_identity, load_checkpoint
 from .config import RunError, TrainConfig
@@ -60,7 +61,7 @@ def evaluate_model(
             with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 logits = net(images).logits
             logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            cm += confusion_matrix(logits.argmax(dim=1), labels, num_classes)
+            cm += confusion_matrix(class_argmax(logits), labels, num_classes)
     net.train(was_training)
     return cm.cpu()
 
