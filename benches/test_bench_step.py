@@ -29,8 +29,9 @@ keeps no peak and the process's RSS high-water mark covers every earlier variant
 Sizes (env): LSKD_STEP_BENCH_BACKBONE (resnet101 on a GPU, tiny on the CPU), LSKD_STEP_BENCH_SIZE
 (crop, 512 / 64), LSKD_STEP_BENCH_BATCH (12 / 16), LSKD_STEP_BENCH_STRIDE (output stride, 16 / 8),
 LSKD_STEP_BENCH_DTYPE (comma list of "bfloat16" (autocast) and "float32"; both on a GPU, float32 on
-the CPU), LSKD_STEP_BENCH_ROUNDS (5 / 3), LSKD_STEP_BENCH_WARMUP (2 / 1), LSKD_STEP_BENCH_THREADS (CPU
-threads while timing; 0 = torch's default on a GPU, 1 on the CPU). The CPU defaults are the
+the CPU), LSKD_STEP_BENCH_MEMORY_FORMAT (the trainer's --memory-format, channels_last),
+LSKD_STEP_BENCH_ROUNDS (5 / 3), LSKD_STEP_BENCH_WARMUP (2 / 1), LSKD_STEP_BENCH_THREADS (CPU threads
+while timing; 0 = torch's default on a GPU, 1 on the CPU). The CPU defaults are the
 demo's shapes; benches/gpu_check.sh's stepbench stage runs the GPU ones (ResNet-50 at 256 when its
 budget is short).
 
@@ -60,7 +61,7 @@ from released_step import EagerPLOP, LSKDFloor, ReleasedLSKD  # noqa: E402
 from lskd.methods import LSKD, PLOP, Finetune, Method, MiB, StepContext  # noqa: E402
 from lskd.models import DeepLabV3  # noqa: E402
 from lskd.train import TrainConfig  # noqa: E402
-from lskd.train.iteration import train_iteration  # noqa: E402
+from lskd.train.iteration import FiniteWatch, train_iteration  # noqa: E402
 from lskd.train.phases import TrainingPhase  # noqa: E402
 from lskd.train.step import StepTrainer  # noqa: E402
 from lskd.weighting import RGE, FixedWeights, Weighting  # noqa: E402
@@ -77,6 +78,7 @@ WARMUP = int(os.environ.get("LSKD_STEP_BENCH_WARMUP", "2" if GPU else "1"))
 # ops gain little from a second thread, and on a loaded 2-core machine two OpenMP threads stall for
 # seconds (measured: 117 s for this file with two threads at load 7, 12 s with one).
 THREADS = int(os.environ.get("LSKD_STEP_BENCH_THREADS", "0" if GPU else "1"))
+MEMORY_FORMAT = os.environ.get("LSKD_STEP_BENCH_MEMORY_FORMAT", "channels_last")  # TrainConfig.memory_format
 AMP = {"bfloat16": "bf16", "float32": "none"}  # TrainConfig.amp of each benchmarked dtype
 AMP_DTYPE = {"bfloat16": torch.bfloat16, "float32": None}  # the trainer's autocast dtype (None: off)
 #: The teacher's classifiers after step 1 of task 2-1 (O = 4 with the background); one new class.
@@ -144,10 +146,12 @@ def build_workload(backbone: str, size: int, batch: int, stride: int) -> SimpleN
     torch.manual_seed(0)
     old = sum(TEACHER_CLASSES)
     images, labels = make_batch(batch, size, old, dev)
-    teacher = DeepLabV3(backbone, list(TEACHER_CLASSES), output_stride=stride).freeze().to(dev)
+    fmt = torch.channels_last if MEMORY_FORMAT == "channels_last" else torch.contiguous_format
+    teacher = DeepLabV3(backbone, list(TEACHER_CLASSES), output_stride=stride).freeze().to(dev, memory_format=fmt)
     sharpen(teacher, images[:2])
     student = copy.deepcopy(teacher).unfreeze()
     student.add_step(NEW_CLASSES, balanced=True)
+    student.to(memory_format=fmt)
     ctx = StepContext(step=len(TEACHER_CLASSES), old_classes=old, new_classes=NEW_CLASSES)
     return SimpleNamespace(
         teacher=teacher,
@@ -179,6 +183,7 @@ def make_step(key: str, work, dtype: str) -> SimpleNamespace:
         amp=AMP[dtype],
         weighting=weighting.name,
         lr_next=LR,
+        memory_format=MEMORY_FORMAT,
         **work.shape,
     )
     phase = TrainingPhase(weighting, method, work.ctx, log=lambda msg: None)
@@ -193,6 +198,7 @@ def make_step(key: str, work, dtype: str) -> SimpleNamespace:
         student=copy.deepcopy(work.student),
         base_lr=LR,
         scaler=torch.amp.GradScaler(dev.type, enabled=False),
+        finite_watch=FiniteWatch(),
     )
     step.optimizer = StepTrainer._optimizer(step)
     if method.needs_prepare_step:  # PLOP / LSKD entropy thresholds, once per step, outside the timing
@@ -256,6 +262,7 @@ def test_training_step(benchmark, device_info, workload, dtype, variant):
         size=SIZE,
         batch=BATCH,
         output_stride=STRIDE,
+        memory_format=MEMORY_FORMAT,
         rounds=len(timed),
         threads=THREADS or torch.get_num_threads(),
         ms_per_iter=1e3 * statistics.median(timed),

@@ -237,7 +237,7 @@ class _GradientBalance(Weighting):
         self.loss0: Optional[torch.Tensor] = None  # L_i(0), float64 [T]
         self.epochs_done = 0
         self.updates = 0
-        self.trace: List[dict] = []
+        self.trace = []
         self._optimizer: Optional[torch.optim.Optimizer] = None
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -323,7 +323,7 @@ class _GradientBalance(Weighting):
         loss = self.balance_loss(w, stats, losses)
         (grad,) = torch.autograd.grad(loss, w)
         self._set_grad(grad)
-        self._record({self.statistic_name: stats.tolist()})
+        self._record({self.statistic_name: stats})
 
     # subclasses: the per-term statistic of dL_i/dW_i, the L(0) rule and the balance loss
     statistic_name = "statistic"
@@ -366,13 +366,31 @@ class _GradientBalance(Weighting):
         average_over_ranks_([grad])
         self.w.grad = grad
 
-    def _record(self, extra: Optional[dict] = None) -> None:
+    def _record(self, extra: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Count an update; every ``trace_every``-th, keep device copies of the weights and of
+        ``extra``'s tensors. They become numbers when :attr:`trace` is read (the epoch's end): a
+        copy to the host here would stop the host every iteration."""
         self.updates += 1
         if self.trace_every and (self.updates - 1) % self.trace_every == 0:
-            e = {"update": self.updates, "epoch": self.epochs_done, "weights": self.weights()}
-            if extra:
-                e.update(extra)
-            self.trace.append(e)
+            tensors = {k: v.detach().clone() for k, v in (extra or {}).items()}
+            self._pending.append((self.updates, self.epochs_done, list(self._names), self.w.detach().clone(), tensors))
+
+    @property
+    def trace(self) -> List[dict]:
+        """``[{"update", "epoch", "weights": {name: w}, <statistic>: [...]}, ...]`` (for the plots)."""
+        if self._pending:
+            weights = torch.stack([p[3] for p in self._pending]).tolist()  # one copy for all entries
+            for (update, epoch, names, _, tensors), w in zip(self._pending, weights):
+                entry = {"update": update, "epoch": epoch, "weights": dict(zip(names, w))}
+                entry.update({k: v.tolist() for k, v in tensors.items()})
+                self._trace.append(entry)
+            self._pending = []
+        return self._trace
+
+    @trace.setter
+    def trace(self, entries: List[dict]) -> None:
+        self._trace: List[dict] = list(entries)
+        self._pending: List[tuple] = []
 
     def after_step(self) -> None:
         if self._optimizer is not None and self.w.grad is not None:
@@ -382,10 +400,13 @@ class _GradientBalance(Weighting):
             self.w.clamp_(min=self.w_min)
 
     def _renormalise(self) -> None:
+        """Scale the weights to sum to the number of terms (unchanged when they sum to <= 0), on
+        the device: GradNorm does it after every step."""
+        if not len(self._names):
+            return
         with torch.no_grad():
-            s = float(self.w.sum())
-            if s > 0 and len(self._names):
-                self.w.mul_(len(self._names) / s)
+            s = self.w.sum()
+            self.w.mul_(torch.where(s > 0, len(self._names) / s, torch.ones_like(s)))
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

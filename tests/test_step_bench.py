@@ -125,3 +125,26 @@ def test_gpu_check_stepbench_stage(tmp_path, full_s, backbone, size):
     assert [c.split()[:3] for c in calls] == [["bfloat16", backbone, size], ["float32", backbone, size]], log
     assert all("--benchmark-only" in c and "step-" in c for c in calls), calls
     assert ("note: step-bf16: the fallback ResNet-50 at 256" in r.stdout) == (backbone == "resnet50"), log
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["b-mib", "b-plop", "d-lskd", "e-lskd-rge"])
+def test_iteration_has_no_host_sync(variant):
+    """A whole training iteration (package ops, the trainer's own code) never waits for the GPU:
+    torch.cuda.set_sync_debug_mode("error") raises at any synchronising call. The first iteration
+    is left out (one-time probes and autotuning may synchronise)."""
+    work = step_bench.build_workload("tiny", 64, 4, 16)
+    step = step_bench.make_step(variant, work, "bfloat16")
+
+    def iteration():
+        train_iteration(step, step.student, step.student, work.images, work.labels, 1.0, 1e-3, variant)
+
+    iteration()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        iteration()
+        iteration()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    step.finite_watch.poll(wait=True)

@@ -34,6 +34,7 @@ from lskd.train import (
     train,
 )
 from lskd.train.checkpoint import check_identity
+from lskd.train.config import FREE_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {"dataset", "task", "method", "steps"}
@@ -380,6 +381,44 @@ def test_mixed_precision_runs(synth, tmp_path, amp):
     s = train(_cfg(synth, tmp_path / amp, "lskd", amp=amp, step=None))
     assert [e["step"] for e in s["steps"]] == [0, 1, 2]
     assert all(math.isfinite(v) for e in s["steps"] for v in e["losses"].values())
+
+
+def test_memory_format_changes_rounding_only(synth, tmp_path):
+    """--memory-format contiguous and channels_last (the default) train the same run up to float
+    rounding: the same losses to 1e-4 relative, the same summary keys; either may resume the other."""
+    runs = {}
+    for fmt in ("contiguous", "channels_last"):
+        runs[fmt] = train(_cfg(synth, tmp_path / fmt, "lskd", memory_format=fmt))
+    a, b = runs["contiguous"]["steps"], runs["channels_last"]["steps"]
+    for x, y in zip(a, b):
+        assert x["losses"].keys() == y["losses"].keys()
+        for k in x["losses"]:
+            assert x["losses"][k] == pytest.approx(y["losses"][k], rel=1e-4, abs=1e-6), (x["step"], k)
+    assert "memory_format" in FREE_SETTINGS and "compile" in FREE_SETTINGS
+
+
+@pytest.mark.compile
+def test_compiled_teacher_and_student_train(synth, tmp_path):
+    """--compile both (fixed weights): the step runs through torch.compile with the package's ops in
+    the graph, finite losses, the same losses as without compile up to float rounding."""
+    plain = train(_cfg(synth, tmp_path / "plain", "lskd"))
+    compiled = train(_cfg(synth, tmp_path / "compiled", "lskd", compile="both"))
+    for x, y in zip(plain["steps"], compiled["steps"]):
+        for k in x["losses"]:
+            assert y["losses"][k] == pytest.approx(x["losses"][k], rel=1e-3, abs=1e-5), (x["step"], k)
+
+
+@pytest.mark.parametrize("kw", [dict(weighting="rge"), dict(search="bilevel")])
+def test_compiled_student_refuses_per_term_gradients(synth, tmp_path, kw):
+    with pytest.raises(RunError, match="--compile both needs --weighting fixed and no --search"):
+        _cfg(synth, tmp_path / "x", "lskd", compile="both", **kw)
+    _cfg(synth, tmp_path / "y", "lskd", compile="teacher", **kw)  # the teacher alone is fine
+
+
+@pytest.mark.parametrize("name,value", [("memory_format", "nhwc"), ("compile", "all")])
+def test_speed_options_checked(synth, tmp_path, name, value):
+    with pytest.raises(RunError, match=f"--{name.replace('_', '-')} must be one of"):
+        _cfg(synth, tmp_path / "x", "lskd", **{name: value})
 
 
 @pytest.mark.gpu

@@ -42,11 +42,29 @@ BN_MODES = ("train", "frozen")
 #: PLOP / LSKD pseudo-label thresholds: the exact per-class median (the papers) or the release's rule.
 PSEUDO_THRESHOLDS = ("median", "released")
 
+#: The student's and teacher's memory formats (--memory-format).
+MEMORY_FORMATS = ("channels_last", "contiguous")
+#: What --compile runs through torch.compile.
+COMPILE_TARGETS = ("none", "teacher", "student", "both")
+
 #: Settings that do not change results: where the run lives and its data are (a run directory
-#: and a dataset may move), the device, workers, verbosity, the evaluation batch, and what this
-#: invocation does (--step, --resume, --init-from).
+#: and a dataset may move), the device, workers, verbosity, the evaluation batch, what this
+#: invocation does (--step, --resume, --init-from) and the speed options (memory format,
+#: compile), which change the numbers by float rounding only, as another device would.
 FREE_SETTINGS = frozenset(
-    {"out", "data_root", "device", "workers", "quiet", "eval_batch_size", "step", "resume", "init_from"}
+    {
+        "out",
+        "data_root",
+        "device",
+        "workers",
+        "quiet",
+        "eval_batch_size",
+        "step",
+        "resume",
+        "init_from",
+        "memory_format",
+        "compile",
+    }
 )
 
 
@@ -71,7 +89,10 @@ class TrainConfig:
     ``init_from``). init_from: a ``step{k}.pt`` checkpoint (e.g. a shared step 0) to start step
     ``k + 1`` from. term_weights: fixed weight per loss-term name (default 1). bn: the student's
     BatchNorm in steps > 0 (:data:`BN_MODES`). pseudo_threshold: PLOP / LSKD's pseudo-label
-    threshold rule (:data:`PSEUDO_THRESHOLDS`).
+    threshold rule (:data:`PSEUDO_THRESHOLDS`). memory_format: the models' and images' layout
+    (:data:`MEMORY_FORMATS`; channels-last is the faster one on both CPU and GPU convolutions).
+    compile: which models run through ``torch.compile`` (:data:`COMPILE_TARGETS`; the first
+    iteration of a step then compiles for tens of seconds).
     """
 
     dataset: str
@@ -114,6 +135,8 @@ class TrainConfig:
     val_split: str = "val"
     bn: str = "train"
     pseudo_threshold: str = "median"
+    memory_format: str = "channels_last"
+    compile: str = "none"
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -135,6 +158,15 @@ class TrainConfig:
         if self.pseudo_threshold not in PSEUDO_THRESHOLDS:
             raise RunError(
                 f"--pseudo-threshold must be one of {', '.join(PSEUDO_THRESHOLDS)}, got {self.pseudo_threshold!r}"
+            )
+        for name, allowed in (("memory_format", MEMORY_FORMATS), ("compile", COMPILE_TARGETS)):
+            if getattr(self, name) not in allowed:
+                raise RunError(f"--{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.compile in ("student", "both") and (self.weighting != "fixed" or self.search != "none"):
+            raise RunError(
+                f"--compile {self.compile} needs --weighting fixed and no --search: RGE, GradNorm and the "
+                "search take one gradient per term through the student's graph, which a compiled backward "
+                "refuses (and would run whole each time); use --compile teacher"
             )
         if self.search not in ("none", "bilevel"):
             raise RunError(f"--search must be 'none' or 'bilevel', got {self.search!r}")

@@ -7,9 +7,10 @@ phase runs its upper-level update after the backward pass (:mod:`lskd.train.phas
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Deque, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,12 +21,17 @@ from .config import TrainConfig, TrainingDiverged
 if TYPE_CHECKING:  # pragma: no cover
     from .step import StepTrainer
 
-__all__ = ["train_iteration", "autocast", "EpochMeans", "diverged_message"]
+__all__ = ["train_iteration", "autocast", "memory_format", "FiniteWatch", "EpochMeans", "diverged_message"]
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
     """``torch.autocast`` on ``device`` to ``dtype``; disabled for None (float32 training)."""
     return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def memory_format(cfg: TrainConfig) -> torch.memory_format:
+    """The models' and images' layout of ``cfg.memory_format``."""
+    return torch.channels_last if cfg.memory_format == "channels_last" else torch.contiguous_format
 
 
 def train_iteration(
@@ -48,15 +54,14 @@ def train_iteration(
     weighting, optimizer, scaler = phase.weighting, step.optimizer, step.scaler
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * lr_factor
-    images = images.to(device, non_blocking=True)
+    images = images.to(device, non_blocking=True, memory_format=memory_format(step.cfg))
     labels = labels.to(device, non_blocking=True)
     with autocast(device, step.run.amp_dtype):
         t_out, bctx = method.teacher_forward(step.teacher, images, labels, step.ctx)
         s_out = net(images)
         terms = method.terms(images, labels, s_out, t_out, bctx)
     total = weighting.total(terms)
-    if not torch.isfinite(total):  # the one host synchronisation of an iteration
-        raise TrainingDiverged(diverged_message(where, terms, step.cfg))
+    step.finite_watch.add(total, terms, where, step.cfg)
     optimizer.zero_grad(set_to_none=True)
     # per-term gradients while the graph is alive (RGE / GradNorm; nothing for fixed weights)
     weighting.update(plain, terms, scaler.get_scale() if scaler.is_enabled() else 1.0)
@@ -66,6 +71,42 @@ def train_iteration(
     scaler.update()
     weighting.after_step()
     return terms, total
+
+
+class FiniteWatch:
+    """The divergence check of every iteration's total, without stopping the host on a GPU.
+
+    On the CPU :meth:`add` raises at once. On a GPU the iteration's ``isfinite`` flag is copied
+    to pinned host memory behind an event and read when the event has passed (:meth:`poll`,
+    never waiting inside an iteration); the trainer calls ``poll(wait=True)`` before it saves
+    an epoch, so a checkpoint never holds weights updated from a non-finite loss. The error
+    names the iteration whose total was not finite, a few iterations after it ran.
+    """
+
+    def __init__(self) -> None:
+        self.pending: Deque[tuple] = collections.deque()
+
+    def add(self, total: torch.Tensor, terms: Dict[str, torch.Tensor], where: str, cfg: TrainConfig) -> None:
+        if total.device.type != "cuda":
+            if not torch.isfinite(total):
+                raise TrainingDiverged(diverged_message(where, terms, cfg))
+            return
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(torch.isfinite(total.detach()), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((event, flag, where, {k: v.detach() for k, v in terms.items()}, cfg))
+        self.poll(wait=False)
+
+    def poll(self, wait: bool = False) -> None:
+        """Check the flags whose copies have arrived (all of them with ``wait``); raise
+        :class:`TrainingDiverged` at the first non-finite one."""
+        while self.pending and (wait or self.pending[0][0].query()):
+            event, flag, where, terms, cfg = self.pending.popleft()
+            event.synchronize()
+            if not bool(flag):
+                self.pending.clear()
+                raise TrainingDiverged(diverged_message(where, terms, cfg))
 
 
 def diverged_message(where: str, terms: Dict[str, torch.Tensor], cfg: TrainConfig) -> str:

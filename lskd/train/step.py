@@ -32,7 +32,7 @@ from .batching import epoch_batches, mix_seed
 from .checkpoint import atomic_save, check_identity, load_checkpoint, rng_state, set_rng_state
 from .config import RunError, TrainConfig
 from .distributed import barrier
-from .iteration import EpochMeans, autocast, train_iteration
+from .iteration import EpochMeans, FiniteWatch, autocast, memory_format, train_iteration
 from .phases import SearchPhase, TrainingPhase
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,6 +46,8 @@ def build_model(cfg: TrainConfig, classes_per_step: Sequence[int], pretrained: O
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside ``torch.compile`` and DDP wrappers."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
@@ -104,26 +106,31 @@ class StepTrainer:
         self.phase.start(self.epochs * self.per_epoch)
         self.optimizer = self._optimizer()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.amp == "fp16")
+        self.finite_watch = FiniteWatch()
         self.last_path = run.run_dir.last_path(t)
         self.history: List[dict] = [h for h in run.history if h["step"] != t]
         self.bn_gap: Dict[str, Dict[str, float]] = {}
 
     # -- set-up -----------------------------------------------------------------------------------
     def _models(self, prev: Optional[DeepLabV3]):
-        """``(student, teacher)`` on the device; the teacher frozen (None at step 0)."""
+        """``(student, teacher)`` on the device in the run's memory format; the teacher frozen
+        (None at step 0) and compiled when ``--compile`` says so."""
         n_new = len(self.run.train_task.steps[self.t])
+        fmt = memory_format(self.cfg)
         if self.t == 0:
             torch.manual_seed(mix_seed(self.cfg.seed, 0, 0x1A17))
-            return build_model(self.cfg, [n_new], self.cfg.pretrained).to(self.device).train(), None
+            return build_model(self.cfg, [n_new], self.cfg.pretrained).to(self.device, memory_format=fmt).train(), None
         if prev is None:
             raise RunError(f"step {self.t} needs the model after step {self.t - 1}")
         prev = prev.cpu()
-        teacher = copy.deepcopy(prev).freeze().to(self.device)
+        teacher = copy.deepcopy(prev).freeze().to(self.device, memory_format=fmt)
+        if self.cfg.compile in ("teacher", "both"):
+            teacher = torch.compile(teacher)
         student = copy.deepcopy(prev).unfreeze()
         student.add_step(n_new, balanced=True)
         if self.cfg.bn == "frozen":
             student.freeze_batchnorm()
-        return student.to(self.device).train(), teacher
+        return student.to(self.device, memory_format=fmt).train(), teacher
 
     def _batches(self, n: int, salt: int, epoch: int) -> List[List[int]]:
         d = self.dctx
@@ -203,6 +210,8 @@ class StepTrainer:
             net = convert_sync_batchnorm(net)  # SyncBatchNorm (CUDA) / DistBatchNorm2d
             dev = self.device
             net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+        if self.cfg.compile in ("student", "both"):
+            net = torch.compile(net)  # the custom ops enter the graph through their fake kernels
         return net
 
     @torch.no_grad()
@@ -269,6 +278,7 @@ class StepTrainer:
             where = f"{self.what} epoch {epoch + 1}/{self.epochs} iteration {i + 1}"
             terms, total = train_iteration(self, net, plain, images, labels, factor, lr, where)
             means.add(terms, total)
+        self.finite_watch.poll(wait=True)  # before this epoch's weights are logged or saved
         return self._log_epoch(epoch, means, lr, time.time() - t0)
 
     def _log_epoch(self, epoch: int, means: "EpochMeans", lr: float, elapsed: float) -> dict:
