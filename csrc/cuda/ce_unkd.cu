@@ -5,14 +5,15 @@
 // image (grid: N * tiles). Nothing is stored at the output resolution and nothing per class:
 // each thread interpolates its pixel's K logits (and O teacher logits) from the four
 // low-resolution neighbours again in each of its passes over the classes (any K):
-//   1. the max m over all classes, the max mb over the background classes {0} U [O, K) and the
-//      teacher's max;
-//   2. S = sum of exp(z - m) over the foreground classes (all classes without a teacher),
-//      Sb = sum of exp(z - mb) over the background ones (neither lse can underflow), the teacher
-//      softmax sums, z_y; then the pixel's losses, summed over the block (fixed order) and added
-//      to ce[n] / unkd[n] with one atomicAdd per block;
-//   3. (with_grad) the gradients with respect to z, scattered to the four low-resolution
-//      neighbours of grad_ce / grad_unkd with atomicAdd (weights that are exactly 0 are skipped).
+//   1. pixel_maxima: the max m over all classes, the max mb over the background classes
+//      {0} U [O, K) and the teacher's max;
+//   2. pixel_sums, pixel_losses: S = sum of exp(z - m) over the foreground classes (all classes
+//      without a teacher), Sb = sum of exp(z - mb) over the background ones (neither lse can
+//      underflow), the teacher softmax sums, z_y; then the pixel's losses, summed over the block
+//      (fixed order) and added to ce[n] / unkd[n] with one atomicAdd per block;
+//   3. pixel_gradients (with_grad): the gradients with respect to z, scattered to the four
+//      low-resolution neighbours of grad_ce / grad_unkd with atomicAdd (weights that are exactly
+//      0 are skipped).
 // Not deterministic: float atomics for the gradient scatter and for the per-image sums (the
 // order of the additions varies from run to run), as torch's upsample_bilinear2d backward on
 // CUDA. The CPU kernel is deterministic.
@@ -72,6 +73,174 @@ __device__ __forceinline__ void scatter(acc* __restrict__ g, const int (&go)[4],
     if (gw[k] != acc(0)) atomicAdd(g + go[k], gw[k] * v);
 }
 
+// One output pixel of one image: its four low-resolution neighbours (rows i0, i1, columns j0, j1)
+// and the interpolation from them, in the student (xn, bx) and the teacher (tn, bt). Each pass
+// over the classes interpolates the logits again: nothing per class is stored.
+template <typename scalar_t, typename acc>
+struct PixelSource {
+  const scalar_t* xn;
+  const scalar_t* tn;
+  int64_t xc, tc;  // channel strides
+  int i0, i1, j0, j1;
+  Bilinear<acc> bx, bt;
+  __device__ __forceinline__ acc z(int c) const { return bx.at(xn + c * xc); }
+  __device__ __forceinline__ acc t(int c) const { return bt.at(tn + c * tc); }
+};
+
+// The source of output pixel p of image n (its offsets in x and t: their strides may differ).
+template <typename scalar_t, typename acc>
+__device__ __forceinline__ PixelSource<scalar_t, acc> pixel_source(const scalar_t* x, Strides4 sx, const scalar_t* t,
+                                                                    Strides4 st, const CeUnkdGeom& G, int64_t n, int p,
+                                                                    acc scale_h, acc scale_w) {
+  PixelSource<scalar_t, acc> s;
+  const int r = p / G.W, q = p - (p / G.W) * G.W;
+  source_index(r, G.h, scale_h, s.i0, s.i1, s.bx.l0y, s.bx.l1y);
+  source_index(q, G.w, scale_w, s.j0, s.j1, s.bx.l0x, s.bx.l1x);
+  s.bx.o00 = s.i0 * sx.h + s.j0 * sx.w;
+  s.bx.o01 = s.i0 * sx.h + s.j1 * sx.w;
+  s.bx.o10 = s.i1 * sx.h + s.j0 * sx.w;
+  s.bx.o11 = s.i1 * sx.h + s.j1 * sx.w;
+  s.bt = s.bx;
+  s.bt.o00 = s.i0 * st.h + s.j0 * st.w;
+  s.bt.o01 = s.i0 * st.h + s.j1 * st.w;
+  s.bt.o10 = s.i1 * st.h + s.j0 * st.w;
+  s.bt.o11 = s.i1 * st.h + s.j1 * st.w;
+  s.xn = x + n * sx.n;
+  s.tn = t != nullptr ? t + n * st.n : nullptr;
+  s.xc = sx.c;
+  s.tc = st.c;
+  return s;
+}
+
+// Target class of output pixel p of image n (-1: none) and the CE factor wp: weight, 0 when
+// ignored, NaN when invalid (the kernel's sums then give NaN, as the CPU kernel).
+template <typename acc>
+__device__ __forceinline__ int pixel_target(const int64_t* __restrict__ targets, const acc* __restrict__ weight,
+                                            const CeUnkdGeom& G, int64_t n, int p, acc& wp) {
+  int y = -1;
+  wp = acc(0);
+  if (targets == nullptr) return y;
+  const int64_t v = targets[n * G.H * G.W + p];
+  if (v != G.ignore_index) {
+    if (v >= 0 && v < G.K) {
+      y = static_cast<int>(v);
+      wp = weight != nullptr ? weight[n] : acc(1);
+    } else {
+      wp = nan_acc(acc(0));
+    }
+  }
+  return y;
+}
+
+// A pixel's softmax statistics: the maxima (pass 1), the sums (pass 2) and the factors that the
+// losses and the gradients share.
+template <typename acc>
+struct PixelStats {
+  acc m, mb, mt;  // max over all classes, over the background classes {0} U [O, K), teacher max
+  acc S = acc(0), Sb = acc(0), St = acc(0), et0 = acc(0), tz = acc(0), t1 = acc(0), dy = acc(0);
+  acc logS, invS, rb = acc(0), ib = acc(0), invSt = acc(0), P0 = acc(0);
+};
+
+// 1. maxima: m, mb and the teacher's max mt (lse and lse_bg are taken relative to m and mb).
+template <typename scalar_t, typename acc>
+__device__ __forceinline__ void pixel_maxima(const PixelSource<scalar_t, acc>& src, int K, int O, bool has_t,
+                                             PixelStats<acc>& s) {
+  acc m = src.z(0), mb = m, mt = has_t ? src.t(0) : acc(0);
+  for (int c = 1; c < K; ++c) {
+    const acc z = src.z(c);
+    m = max(m, z);
+    if (has_t && c >= O) mb = max(mb, z);
+  }
+  for (int c = 1; c < O; ++c) mt = max(mt, src.t(c));
+  s.m = m;
+  s.mb = mb;
+  s.mt = mt;
+}
+
+// 2. sums: S = sum of exp(z - m) over the foreground classes (all classes without a teacher),
+// Sb = sum of exp(z - mb) over the background ones (neither can underflow), the teacher's
+// softmax sums (St, its class 0 et0, tz = sum_{c>=1} et (z - m), t1 = sum_{c>=1} et) and
+// dy = z_y - m.
+template <typename scalar_t, typename acc>
+__device__ __forceinline__ void pixel_sums(const PixelSource<scalar_t, acc>& src, int K, int O, bool has_t, int y,
+                                           PixelStats<acc>& s) {
+  for (int c = 0; c < K; ++c) {
+    const acc z = src.z(c);
+    const acc d = z - s.m;
+    if (c == y) s.dy = d;
+    if (has_t && (c == 0 || c >= O)) {
+      s.Sb += exp_acc(z - s.mb);
+    } else {
+      s.S += exp_acc(d);
+    }
+    if (c < O) {
+      const acc et = exp_acc(src.t(c) - s.mt);
+      s.St += et;
+      if (c == 0) {
+        s.et0 = et;
+      } else {
+        s.tz += et * d;
+        s.t1 += et;
+      }
+    }
+  }
+}
+
+// The pixel's losses lce (0 without targets) and lun (0 without a teacher), and the factors of
+// the gradients: invS = 1 / sum exp(z - m), rb = exp(mb - m) invS (q_c = exp(z_c - mb) rb for
+// the background classes), ib = 1 / Sb, invSt, P0.
+template <typename acc>
+__device__ __forceinline__ void pixel_losses(PixelStats<acc>& s, int O, bool has_t, bool has_y, acc wp, acc& lce,
+                                             acc& lun) {
+  if (has_t) {
+    const acc eb = exp_acc(s.mb - s.m);
+    const acc Stot = s.S + s.Sb * eb;
+    s.logS = log_acc(Stot);
+    s.invS = acc(1) / Stot;
+    s.rb = eb * s.invS;
+    s.ib = acc(1) / s.Sb;
+    s.invSt = acc(1) / s.St;
+    s.P0 = s.et0 * s.invSt;
+    // -(1/O) (P0 (lse_bg - lse) + sum_{c=1}^{O-1} P_c (z_c - lse))
+    lun = -(s.P0 * ((s.mb - s.m) + log_acc(s.Sb) - s.logS) + (s.tz - s.t1 * s.logS) * s.invSt) / static_cast<acc>(O);
+  } else {
+    s.logS = log_acc(s.S);
+    s.invS = acc(1) / s.S;
+  }
+  if (has_y) lce = wp * (s.logS - s.dy);
+}
+
+// 3. gradients with respect to z, scattered to the pixel's four low-resolution neighbours of
+// grad_ce / grad_unkd of image n (either may be nullptr: not computed).
+template <typename scalar_t, typename acc>
+__device__ __forceinline__ void pixel_gradients(const PixelSource<scalar_t, acc>& src, const PixelStats<acc>& s,
+                                                const CeUnkdGeom& G, int64_t n, bool has_t, int y, acc wp,
+                                                acc* __restrict__ grad_ce, acc* __restrict__ grad_unkd) {
+  const int K = G.K, O = G.O;
+  const int hw = G.h * G.w;
+  const int go[4] = {src.i0 * G.w + src.j0, src.i0 * G.w + src.j1, src.i1 * G.w + src.j0, src.i1 * G.w + src.j1};
+  const acc gw[4] = {src.bx.l0y * src.bx.l0x, src.bx.l0y * src.bx.l1x, src.bx.l1y * src.bx.l0x,
+                     src.bx.l1y * src.bx.l1x};
+  const acc invO = has_t ? acc(1) / static_cast<acc>(O) : acc(0);
+  acc* gce = grad_ce != nullptr ? grad_ce + n * K * hw : nullptr;
+  acc* gun = grad_unkd != nullptr ? grad_unkd + n * K * hw : nullptr;
+  for (int c = 0; c < K; ++c) {
+    const acc z = src.z(c);
+    const bool bg = has_t && (c == 0 || c >= O);
+    acc q, gu = acc(0);
+    if (bg) {
+      const acc e = exp_acc(z - s.mb);
+      q = e * s.rb;
+      gu = invO * (q - s.P0 * e * s.ib);
+    } else {
+      q = exp_acc(z - s.m) * s.invS;
+      if (has_t) gu = invO * (q - exp_acc(src.t(c) - s.mt) * s.invSt);
+    }
+    if (gce != nullptr) scatter(gce + c * hw, go, gw, wp * (q - (c == y ? acc(1) : acc(0))));
+    if (gun != nullptr) scatter(gun + c * hw, go, gw, gu);
+  }
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     ce_unkd_kernel(const scalar_t* __restrict__ x, Strides4 sx, const scalar_t* __restrict__ t, Strides4 st,
@@ -83,117 +252,18 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t blk = blockIdx.x;
   const int64_t n = blk / G.tiles;
   const int p = static_cast<int>(blk - n * G.tiles) * kThreads + static_cast<int>(threadIdx.x);
-  const bool active = p < G.H * G.W;
   const bool has_t = t != nullptr, has_y = targets != nullptr;
-  const int K = G.K, O = G.O;
 
   acc lce = acc(0), lun = acc(0);
-  if (active) {
-    const int r = p / G.W, q = p - (p / G.W) * G.W;
-    int i0, i1, j0, j1;
-    Bilinear<acc> bx, bt;
-    source_index(r, G.h, scale_h, i0, i1, bx.l0y, bx.l1y);
-    source_index(q, G.w, scale_w, j0, j1, bx.l0x, bx.l1x);
-    bx.o00 = i0 * sx.h + j0 * sx.w;
-    bx.o01 = i0 * sx.h + j1 * sx.w;
-    bx.o10 = i1 * sx.h + j0 * sx.w;
-    bx.o11 = i1 * sx.h + j1 * sx.w;
-    bt = bx;
-    bt.o00 = i0 * st.h + j0 * st.w;
-    bt.o01 = i0 * st.h + j1 * st.w;
-    bt.o10 = i1 * st.h + j0 * st.w;
-    bt.o11 = i1 * st.h + j1 * st.w;
-    const scalar_t* xn = x + n * sx.n;
-    const scalar_t* tn = has_t ? t + n * st.n : nullptr;
-
-    // target class (-1: none) and the CE factor: weight, 0 when ignored, NaN when invalid
-    int y = -1;
-    acc wp = acc(0);
-    if (has_y) {
-      const int64_t v = targets[n * G.H * G.W + p];
-      if (v != G.ignore_index) {
-        if (v >= 0 && v < K) {
-          y = static_cast<int>(v);
-          wp = weight != nullptr ? weight[n] : acc(1);
-        } else {
-          wp = nan_acc(acc(0));
-        }
-      }
-    }
-
-    // 1. maxima
-    acc m = bx.at(xn), mb = m, mt = has_t ? bt.at(tn) : acc(0);
-    for (int c = 1; c < K; ++c) {
-      const acc z = bx.at(xn + c * sx.c);
-      m = max(m, z);
-      if (has_t && c >= O) mb = max(mb, z);
-    }
-    for (int c = 1; c < O; ++c) mt = max(mt, bt.at(tn + c * st.c));
-
-    // 2. sums and losses
-    acc S = acc(0), Sb = acc(0), St = acc(0), et0 = acc(0), tz = acc(0), t1 = acc(0), dy = acc(0);
-    for (int c = 0; c < K; ++c) {
-      const acc z = bx.at(xn + c * sx.c);
-      const acc d = z - m;
-      if (c == y) dy = d;
-      if (has_t && (c == 0 || c >= O)) {
-        Sb += exp_acc(z - mb);
-      } else {
-        S += exp_acc(d);
-      }
-      if (c < O) {
-        const acc et = exp_acc(bt.at(tn + c * st.c) - mt);
-        St += et;
-        if (c == 0) {
-          et0 = et;
-        } else {
-          tz += et * d;
-          t1 += et;
-        }
-      }
-    }
-    acc logS, invS, rb = acc(0), ib = acc(0), invSt = acc(0), P0 = acc(0);
-    if (has_t) {
-      const acc eb = exp_acc(mb - m);
-      const acc Stot = S + Sb * eb;
-      logS = log_acc(Stot);
-      invS = acc(1) / Stot;
-      rb = eb * invS;
-      ib = acc(1) / Sb;
-      invSt = acc(1) / St;
-      P0 = et0 * invSt;
-      // -(1/O) (P0 (lse_bg - lse) + sum_{c=1}^{O-1} P_c (z_c - lse))
-      lun = -(P0 * ((mb - m) + log_acc(Sb) - logS) + (tz - t1 * logS) * invSt) / static_cast<acc>(O);
-    } else {
-      logS = log_acc(S);
-      invS = acc(1) / S;
-    }
-    if (has_y) lce = wp * (logS - dy);
-
-    // 3. gradients
-    if (with_grad) {
-      const int hw = G.h * G.w;
-      const int go[4] = {i0 * G.w + j0, i0 * G.w + j1, i1 * G.w + j0, i1 * G.w + j1};
-      const acc gw[4] = {bx.l0y * bx.l0x, bx.l0y * bx.l1x, bx.l1y * bx.l0x, bx.l1y * bx.l1x};
-      const acc invO = has_t ? acc(1) / static_cast<acc>(O) : acc(0);
-      acc* gce = grad_ce != nullptr ? grad_ce + n * K * hw : nullptr;
-      acc* gun = grad_unkd != nullptr ? grad_unkd + n * K * hw : nullptr;
-      for (int c = 0; c < K; ++c) {
-        const acc z = bx.at(xn + c * sx.c);
-        const bool bg = has_t && (c == 0 || c >= O);
-        acc q, gu = acc(0);
-        if (bg) {
-          const acc e = exp_acc(z - mb);
-          q = e * rb;
-          gu = invO * (q - P0 * e * ib);
-        } else {
-          q = exp_acc(z - m) * invS;
-          if (has_t) gu = invO * (q - exp_acc(bt.at(tn + c * st.c) - mt) * invSt);
-        }
-        if (gce != nullptr) scatter(gce + c * hw, go, gw, wp * (q - (c == y ? acc(1) : acc(0))));
-        if (gun != nullptr) scatter(gun + c * hw, go, gw, gu);
-      }
-    }
+  if (p < G.H * G.W) {  // inactive threads still take part in the block sums below
+    const PixelSource<scalar_t, acc> src = pixel_source(x, sx, t, st, G, n, p, scale_h, scale_w);
+    acc wp;
+    const int y = pixel_target(targets, weight, G, n, p, wp);
+    PixelStats<acc> s;
+    pixel_maxima(src, G.K, G.O, has_t, s);
+    pixel_sums(src, G.K, G.O, has_t, y, s);
+    pixel_losses(s, G.O, has_t, has_y, wp, lce, lun);
+    if (with_grad) pixel_gradients(src, s, G, n, has_t, y, wp, grad_ce, grad_unkd);
   }
 
   // per-image sums: the block's sum (fixed order), then one atomicAdd
