@@ -251,3 +251,18 @@ def test_random_cases_gpu(gpu_backend, case, seed):
     rng = random.Random(seed)
     dtype = DTYPES[case % len(DTYPES)]
     check_case(gpu_backend, *random_inputs(rng, dtype, LAYOUTS[case % len(LAYOUTS)], small=False, device="cuda"), rng)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0])
+def test_mib_unkd_is_the_eager_one(alpha):
+    """MiB's fused UNKD term (teacher scaled by alpha before the op) equals unbiased_kd on upsampled logits."""
+    from lskd.methods import MiB, StepContext
+    from lskd.models.deeplab import SegOutput
+
+    s, t = torch.randn(2, 5, 4, 6, dtype=F64), torch.randn(2, 3, 4, 6, dtype=F64)
+    labels = torch.randint(0, 5, (2, 13, 17))
+    ctx = StepContext(step=1, old_classes=3, new_classes=2)
+    mib = MiB(alpha=alpha)
+    terms = mib.incremental_terms(None, labels, SegOutput(logits=s, maps=[]), SegOutput(logits=t, maps=[]), ctx)
+    up = lambda x: F.interpolate(x, size=(13, 17), mode="bilinear", align_corners=False)  # noqa: E731
+    torch.testing.assert_close(terms["unkd"], mib.kd_factor * unbiased_kd(up(s), up(t), alpha), rtol=1e-10, atol=0)

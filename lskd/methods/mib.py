@@ -3,8 +3,9 @@
 Both losses model the background shift: at step t the student's background at a pixel
 labelled 0 may be an old class (UNCE merges background and old classes), and the
 teacher's background may be a new class (UNKD merges background and new classes).
-:func:`unbiased_kd` is reused by LSKD (L2 = 10 * UNKD, docs/MATHEMATICS.md §3.3). UNCE averages over ALL pixels,
-ignored ones counting as 0, as the released code does (``mean_over="valid"``: over the
+:func:`unbiased_kd` is the eager definition of UNKD (L2 = 10 * UNKD, docs/MATHEMATICS.md §3.3);
+MiB and LSKD compute it fused (:func:`lskd.ce_unkd`). UNCE averages over ALL pixels, ignored
+ones counting as 0, as the released code does (``mean_over="valid"``: over the
 non-ignored pixels).
 """
 
@@ -15,8 +16,9 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from .. import ops
 from ..models.deeplab import SegOutput
-from .base import IGNORE_INDEX, Method, StepContext, to_acc, upsample_logits
+from .base import IGNORE_INDEX, Method, StepContext, teacher_like, to_acc, upsample_logits
 
 __all__ = ["MEAN_OVER", "unbiased_cross_entropy", "unbiased_kd", "MiB"]
 
@@ -142,9 +144,11 @@ class MiB(Method):
         ctx: StepContext,
     ) -> Dict[str, torch.Tensor]:
         size = labels.shape[-2:]
-        s_logits = upsample_logits(student_out.logits, size)
-        t_logits = upsample_logits(teacher_out.logits, size)
+        logits = student_out.logits
+        teacher = teacher_like(teacher_out.logits, logits)
+        # UNKD fused (lskd.ce_unkd: p = softmax(alpha * teacher), as unbiased_kd); UNCE stays eager
+        unkd = ops.ce_unkd(logits, teacher if self.alpha == 1 else teacher * self.alpha, size=size).unkd
         return {
-            "unce": unbiased_cross_entropy(s_logits, labels, ctx.old_classes, self.ignore_index, self.mean_over),
-            "unkd": self.kd_factor * unbiased_kd(s_logits, t_logits, self.alpha),
+            "unce": unbiased_cross_entropy(logits, labels, ctx.old_classes, self.ignore_index, self.mean_over),
+            "unkd": self.kd_factor * (unkd.sum() / labels.numel()),
         }
