@@ -11,8 +11,9 @@ computes differently is overridden, from :mod:`lskd.reference` pieces.
   one image at a time with ``torch.quantile`` (:func:`lskd.reference.md_masks`: its quantiles'
   argument checks synchronise with the host on a GPU), every POD / MD / MCD term as eager
   PyTorch (:func:`lskd.reference.pod_distances` / :func:`~lskd.reference.sop_distances`, one
-  autograd graph per term). With :class:`lskd.weighting.RGE` the trainer then takes one
-  ``torch.autograd.grad`` per term through those eager graphs (the release's rule).
+  autograd graph per term), CE and UNKD on logits upsampled by F.interpolate. With
+  :class:`lskd.weighting.RGE` the trainer then takes one ``torch.autograd.grad`` per term through
+  those eager graphs (the release's rule).
 * :class:`EagerPLOP`: PLOP with the six Local POD terms in eager PyTorch (the reference POD), the
   rest (pseudo-labelled CE, factors) the package's.
 
@@ -26,10 +27,12 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from lskd import reference
 from lskd.methods import LSKD, PLOP, Method, StepContext, erase_images, teacher_triplet
-from lskd.methods.base import distilled_maps, pod_scales
+from lskd.methods.base import distilled_maps, pod_scales, to_acc, upsample_logits
+from lskd.methods.mib import unbiased_kd
 from lskd.methods.plop import pseudo_labelled_ce
 from lskd.models.deeplab import SegOutput
 from lskd.ops import PodTerm, SopTerm, Term
@@ -120,6 +123,18 @@ class ReleasedLSKD(LSKD):
     def compute_terms(self, specs: Sequence[Tuple[str, float, Term]]) -> Dict[str, torch.Tensor]:
         """``{name: factor * eager distance}``: one eager graph per term (no fused op)."""
         return {name: factor * eager_term(term) for name, factor, term in specs}
+
+    def classification_terms(
+        self, labels: torch.Tensor, student_out: SegOutput, teacher_out: SegOutput, ctx: StepContext
+    ) -> Dict[str, torch.Tensor]:
+        """CE (pseudo-labels, adaptive factor) and UNKD as released: on both logits upsampled to the
+        labels by F.interpolate, in eager PyTorch (no :func:`lskd.ce_unkd`)."""
+        size = labels.shape[-2:]
+        targets, factor = self.pseudo_labels(labels, teacher_out.logits, ctx)
+        s_logits = upsample_logits(student_out.logits, size)
+        t_logits = upsample_logits(teacher_out.logits, size)
+        ce = F.cross_entropy(to_acc(s_logits), targets, ignore_index=self.labeler.ignore_index, reduction="none")
+        return {"ce": (ce * factor[:, None, None]).mean(), "unkd": self.unkd_factor * unbiased_kd(s_logits, t_logits)}
 
 
 class EagerPLOP(PLOP):

@@ -60,6 +60,25 @@ def test_profile_loss_runs(tmp_path):
     assert all(x["wall_ms"] > 0 and x["host_ops"] for x in res)
 
 
+def test_step_options_ab_runs_at_a_tiny_size():
+    """benches/step_options_ab.py: every setting but compile on two variants, tiny batch, 1 round."""
+    env = dict(ENV, AB_ROUNDS="1", LSKD_STEP_BENCH_BATCH="2", LSKD_STEP_BENCH_SIZE="32")
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benches" / "step_options_ab.py"),
+            "base,cl-refout,cl-bf16,cl-inf",
+            "c-floor,d-lskd",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.count(" median ") == 8 and "cl-inf: over (c) d-lskd" in r.stdout
+
+
 def test_cuda_selftest_dry_run_on_the_cpu_kernels():
     """benches/cuda_selftest.py's small cases (--smoke) against the CPU kernels: its inputs, layouts,
     masks, references and checks run as on the GPU (only the NaN poisoning of the allocator is CUDA's)."""
