@@ -7,9 +7,9 @@
 //   spatial_mask[t], channel_mask[t]) with the batch reduction `reduction` (1 = mean, 2 = sum);
 //   the output is the list of the T reduced distances (0-dim each). The same student may appear
 //   in several terms (its gradients add up). params holds the terms one after the other, each
-//   its kind and then its op's parameters (csrc/distill_terms.h):
-//     pod: 0, square, S, scale_1 .. scale_S      (read_pod_term, csrc/pod_distill.cpp)
-//     sop: 1, groups, wh, ww, sh, sw, ph, pw     (read_sop_term, csrc/sop_distill.cpp)
+//   its kind and then its op's parameters as that op reads them (csrc/distill_terms.h): pod by
+//   read_pod_term (csrc/pod_distill.cpp), sop by read_sop_term (csrc/sop_distill.cpp); the
+//   Python side packs them in lskd/ops/<op>.py. The layout lives with each op only.
 //   The backward of term t runs only when its output gets a gradient, so
 //   torch.autograd.grad of one term costs one term's backward.
 #include "distill_terms.h"
