@@ -134,9 +134,12 @@ def test_reference_is_the_methods_losses(seed):
     w = torch.rand(2, dtype=F64)
     ce, unkd = reference.ce_unkd_sums(s, t, y, w, (17, 19), IGNORE)
     pixels = y.numel()
-    eager_ce = cross_entropy(s, y, IGNORE, pixel_weight=w[:, None, None], mean_over="all")
+    # a per-pixel weight takes cross_entropy's eager path (F.cross_entropy on upsampled logits)
+    eager_ce = cross_entropy(s, y, IGNORE, pixel_weight=w[:, None, None].expand(2, 17, 19), mean_over="all")
     up = lambda x: F.interpolate(x, size=(17, 19), mode="bilinear", align_corners=False)  # noqa: E731
     torch.testing.assert_close(ce.sum() / pixels, eager_ce, rtol=1e-12, atol=0)
+    fused_ce = cross_entropy(s, y, IGNORE, pixel_weight=w[:, None, None], mean_over="all")
+    torch.testing.assert_close(fused_ce, eager_ce, rtol=1e-12, atol=0)
     torch.testing.assert_close(unkd.sum() / pixels, unbiased_kd(up(s), up(t)), rtol=1e-12, atol=0)
 
 
