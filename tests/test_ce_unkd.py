@@ -161,7 +161,9 @@ def test_unused_term_gets_no_gradient(backend):
     both = lskd.ce_unkd(s, t, y, backend=backend)
     (g_both,) = torch.autograd.grad(both.ce.sum(), s)
     (g_alone,) = torch.autograd.grad(lskd.ce_unkd(s, None, y, backend=backend).ce.sum(), s)
-    torch.testing.assert_close(g_both, g_alone, rtol=1e-6, atol=1e-7)
+    # Not bitwise: with a teacher the kernels take the background exps relative to the background
+    # max, so the softmax rounds differently. A leaked unkd gradient would be of the size of g itself.
+    torch.testing.assert_close(g_both, g_alone, rtol=1e-5, atol=1e-6)
 
 
 def test_double_backward_refused(compiled_backend):
