@@ -16,10 +16,13 @@ from helpers import (
     DTYPES,
     DTYPES_TRITON,
     F64,
+    check_masks_match_composite,
     check_md_masks_parity,
+    check_md_masks_ties_and_nan,
     dtype_id,
     integer_features,
     labels_for,
+    md_labels,
     stat_inputs,
 )
 
@@ -125,6 +128,84 @@ def test_module_matches_function(backend, rng):
     got = lskd.nn.MDMasks(ignore_index=7, backend=backend)(a, cb, dn, labels, old)
     exp = lskd.md_masks(a, cb, dn, labels, old, ignore_index=7, backend=backend)
     assert torch.equal(got[0], exp[0]) and torch.equal(got[1], exp[1])
+
+
+# --------------------------------------------------------------------------- the CPU kernel of lskd::md_masks
+
+needs_c = pytest.mark.skipif(not lskd._extension.has_cpu_kernels(), reason="lskd._C not loaded")
+
+
+def _set_rank_rule(rule):
+    lskd._C._set_quantile_rank_rule(-1 if rule is None else int(rule))
+
+
+def _check_cpu_kernel(a, cb, dn, labels, old=4, ignore=255):
+    """lskd::md_masks on the CPU == the rule on the same statistics, bit for bit, under this torch's
+    quantile rank rule and both rules."""
+    stats = md_statistics(a, cb, dn, backend="cpu")
+    return check_masks_match_composite(torch.ops.lskd.md_masks, stats, a, cb, dn, labels, old, ignore, _set_rank_rule)
+
+
+CPU_KERNEL_CASES = [
+    ((2, 16, 16, 16), torch.float32, "contiguous"),
+    ((3, 19, 13, 11), torch.bfloat16, "channels_last"),
+    ((2, 7, 9, 5), F64, "contiguous"),
+    ((1, 40, 48, 48), torch.float32, "channels_last"),
+    ((4, 6, 1, 67), torch.float16, "contiguous"),
+    ((16, 4, 8, 8), torch.float32, "channels_last"),  # the demo step's logits map
+]
+CPU_KERNEL_LABELS = [
+    (torch.uint8, "mixed"),
+    (torch.int64, "per_image"),
+    (torch.int32, "ignore"),
+    (torch.int64, "extremes"),
+]
+
+
+@needs_c
+@pytest.mark.parametrize(
+    "label_dtype,scenario", CPU_KERNEL_LABELS, ids=[f"{str(d)[6:]}-{s}" for d, s in CPU_KERNEL_LABELS]
+)
+@pytest.mark.parametrize(
+    "shape,dtype,layout", CPU_KERNEL_CASES, ids=[f"{list(s)}-{dtype_id(d)}-{lay}" for s, d, lay in CPU_KERNEL_CASES]
+)
+def test_cpu_kernel_matches_rule(shape, dtype, layout, label_dtype, scenario, seed):
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    a, cb, dn = stat_inputs(shape, dtype, layout)
+    hl, wl = (2 * h, 2 * w) if scenario in ("mixed", "extremes") else (3 * h + 1, w + 2)
+    _check_cpu_kernel(a, cb, dn, md_labels(n, hl, wl, label_dtype, scenario, g))
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, F64), ids=dtype_id)
+def test_cpu_kernel_ties_and_nan(dtype, seed):
+    check_md_masks_ties_and_nan(_check_cpu_kernel, dtype, torch.Generator().manual_seed(seed))
+
+
+@needs_c
+def test_cpu_kernel_does_not_depend_on_threads(seed):
+    torch.manual_seed(seed)
+    a, cb, dn = stat_inputs((9, 12, 20, 24), torch.float32)
+    labels = md_labels(9, 40, 48, torch.int64, "per_image", torch.Generator().manual_seed(seed))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.lskd.md_masks(a, cb, dn, labels, 4, 255, 1e-8)
+        torch.set_num_threads(max(2, threads))
+        many = torch.ops.lskd.md_masks(a, cb, dn, labels, 4, 255, 1e-8)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
+@needs_c
+def test_cpu_kernel_rejects_bad_labels():
+    a = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="labels must be an integer tensor"):
+        torch.ops.lskd.md_masks(a, a, a, torch.zeros(2, 4, 4), 1, 255, 1e-8)
+    with pytest.raises(RuntimeError, match=r"labels must be \[N, Hl, Wl\] with N = 2"):
+        torch.ops.lskd.md_masks(a, a, a, torch.zeros(3, 4, 4, dtype=torch.int64), 1, 255, 1e-8)
 
 
 # --------------------------------------------------------------------------- batched_quantile

@@ -49,6 +49,7 @@
 //   both give a zero of some sign for v_lo / v_hi and the same Q up to the
 //   sign of a zero, hence the same masks.
 #include "device_utils.cuh"
+#include "md_masks.h"
 #include "md_stats.h"
 
 #include <algorithm>
@@ -426,43 +427,21 @@ void launch_select(int64_t N, int threads, size_t smem, cudaStream_t stream, con
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Whether this torch's quantile computes the ranks q * (L - 1) of float32 values in float64
-// (newer versions do, pytorch/pytorch#187574) or in float32: the masks follow it to the bit.
-// Probed once, as lskd/ops/md_masks.py does: the weight of the lerp between 0 and 1 is the
-// rank's fractional part, which differs between the two.
-bool probe_quantile_float64_ranks() {
-  const at::Tensor values = at::zeros({67}, at::kFloat);
-  values.slice(0, 60).fill_(1.0);
-  const at::Tensor q = at::scalar_tensor(0.9037463665008545, at::kFloat);  // rank 59.647...
-  const double rank = static_cast<double>(q.item<float>()) * 66;
-  return at::quantile(values, q).item<float>() == static_cast<float>(rank - std::floor(rank));
-}
-
-bool quantile_float64_ranks() {
+// The quantile rank rule of csrc/md_masks.cpp; the emulation runs the kernel under both rules
+// (tests/test_cuda_emulated.py).
+bool rank_rule_float64() {
 #ifdef LSKD_CUDA_EMULATION
-  // The emulation runs the kernel under both rules (tests/test_cuda_emulated.py).
   if (::lskd_emu_rt::device().float64_ranks >= 0) return ::lskd_emu_rt::device().float64_ranks != 0;
 #endif
-  static const bool probed = probe_quantile_float64_ranks();
-  return probed;
-}
-
-void check_md_masks_args(const at::Tensor& feat, const at::Tensor& labels) {
-  TORCH_CHECK(feat.dim() == 4, "lskd: md_masks: feat must be [N, C, H, W], got ", feat.sizes());
-  TORCH_CHECK(labels.dim() == 3 && labels.size(0) == feat.size(0) && labels.numel() > 0,
-              "lskd: md_masks: labels must be [N, Hl, Wl] with N = ", feat.size(0), ", got ", labels.sizes());
-  check_cuda_input("md_masks", feat, "feat");
-  TORCH_CHECK(labels.device() == feat.device(), "lskd: md_masks: labels are on ", labels.device(),
-              " but the features are on ", feat.device());
-  TORCH_CHECK(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
-              "lskd: md_masks: labels must be an integer tensor, got ", labels.scalar_type());
+  return ::lskd::quantile_float64_ranks();
 }
 
 std::tuple<at::Tensor, at::Tensor> md_masks_cuda(const at::Tensor& feat, const at::Tensor& feat_bg_erased,
                                                  const at::Tensor& feat_new_erased, const at::Tensor& labels,
                                                  int64_t old_classes, int64_t ignore_index, double eps) {
   check_md_masks_args(feat, labels);
-  const bool float64_ranks = quantile_float64_ranks();
+  check_cuda_input("md_masks", feat, "feat");
+  const bool float64_ranks = rank_rule_float64();
   c10::cuda::CUDAGuard guard(feat.device());
   // Nothing here is differentiable (the outputs are bool): skip the autograd layer of md_stats.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
