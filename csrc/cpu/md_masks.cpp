@@ -14,7 +14,7 @@
 //   - the masks bg >= Q_bg || new <= Q_new (a NaN Q gives false).
 // Why a kernel rather than the rule's ATen calls: at the demo's step shapes (16 images, 8x8
 // maps) those calls cost about 0.45 ms a map on one thread, against a few microseconds here
-// (benches/results/cpu-2026-12-07.md). Images are independent; each is computed by one
+// (benches/results/cpu-2026-12-06.md). Images are independent; each is computed by one
 // thread, so the masks do not depend on the thread count.
 #include "../md_masks.h"
 #include "../md_stats.h"
