@@ -125,6 +125,19 @@ class DistillOpTester:
         for params in self.layout_params:
             check_against_reference(self.op, backend, s, t, sm, cm, "none", **params)
 
+    @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+    def test_both_channels_last(self, backend, dtype):
+        """Student and teacher both channels-last, as in a training step (the CPU kernels have a
+        channel-vectorised path for it); channel counts below, at and past one block of 16."""
+        shapes = [small_shape(backend)] if backend == "triton" else [small_shape(backend), (2, 16, 8, 8), (3, 37, 6, 9)]
+        for n, c, h, w in shapes:
+            s = features((n, c, h, w), dtype, layout="channels_last")
+            t = features((n, c, h, w), dtype, layout="channels_last")
+            sm, cm = spatial_mask("float", n, h, w, dtype), channel_mask("bool", n, c, dtype)
+            for params in self.layout_params:
+                check_against_reference(self.op, backend, s, t, sm, cm, "none", **params)
+                check_against_reference(self.op, backend, s, t, None, None, "sum", **params)
+
     @pytest.mark.parametrize("reduction", REDUCTIONS)
     def test_reductions(self, backend, reduction, variant):
         shape = small_shape(backend)

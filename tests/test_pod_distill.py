@@ -34,7 +34,7 @@ class TestPodDistill(DistillOpTester):
     module_variants = [dict(), dict(scales=(1, 3), square=False, reduction="none"), dict(reduction="sum")]
     module_variants_triton = module_variants[1:2]
     mask_params = dict(scales=(1, 2, 4), square=True)
-    layout_params = [dict(scales=(1, 3), square=True)]
+    layout_params = [dict(scales=(1, 3), square=True), dict(scales=(1, 2, 4), square=False)]
     zero_distance_variants = [dict(scales=(1, 2, 4), square=True), dict(scales=(3,), square=False)]
     all_masked_params = dict(scales=(1, 2))
     nan_params = [dict()]
