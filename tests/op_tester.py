@@ -128,8 +128,11 @@ class DistillOpTester:
     @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
     def test_both_channels_last(self, backend, dtype):
         """Student and teacher both channels-last, as in a training step (the CPU kernels have a
-        channel-vectorised path for it); channel counts below, at and past one block of 16."""
-        shapes = [small_shape(backend)] if backend == "triton" else [small_shape(backend), (2, 16, 8, 8), (3, 37, 6, 9)]
+        channel-vectorised path for it on maps up to 32x32); channel counts below, at and past one
+        block of 16, and a map past 32x32."""
+        shapes = [small_shape(backend)]
+        if backend != "triton":
+            shapes += [(2, 16, 8, 8), (3, 37, 6, 9), (1, 20, 40, 33)]
         for n, c, h, w in shapes:
             s = features((n, c, h, w), dtype, layout="channels_last")
             t = features((n, c, h, w), dtype, layout="channels_last")

@@ -7,7 +7,10 @@
 // rows of its planes once. Every channel's results depend only on its own
 // plane and are computed in a fixed order, so outputs are bitwise identical
 // whatever the number of threads; the per-image reduction sums the
-// per-(n, c) partial sums in channel order.
+// per-(n, c) partial sums in channel order. Channels-last student and teacher
+// maps of up to 32x32 take a channel-vectorised path instead
+// (pod_forward_channels_last, pod_backward_channels_last), with the same work
+// units and the same guarantees.
 #include "common.h"
 #include "cpu_utils.h"
 
@@ -41,10 +44,15 @@ using cpu::store_zero_rows;
 
 constexpr int64_t kVec = cpu::kChannelBlock;
 
-// Channel stride 1 and rows that are not unit-stride (a channels-last map with C > 1 and W > 1):
-// where the row-wise path would gather its rows channel by channel.
+// Channel stride 1 and rows that are not unit-stride (a channels-last map with C > 1 and W > 1),
+// on maps of at most kVecMaxPixels pixels. Past that the [L][16] scratch (28 KiB at 32x32 and
+// scales 1, 2, 4) outgrows L1 and the six scattered entries a pixel adds into miss: measured
+// on 2x256 maps, forward + backward, this path takes 2.4 against 3.3 ms at 32x32 and 19.6
+// against 12.6 ms at 64x64.
+constexpr int64_t kVecMaxPixels = 1024;
+
 inline bool channels_innermost(const at::Tensor& t) {
-  return t.stride(1) == 1 && !(t.stride(3) == 1 && t.size(3) > 1);
+  return t.stride(1) == 1 && !(t.stride(3) == 1 && t.size(3) > 1) && t.size(2) * t.size(3) <= kVecMaxPixels;
 }
 
 // The ncb channels at p (stride 1) -> out[kVec] in acc, zero past ncb.
