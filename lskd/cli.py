@@ -244,7 +244,7 @@ def _add_demo(sub) -> None:
         "RGE weights), lskd-fixed (the fixed-weight ablation) and lskd+search (bi-level scheme search) on a "
         "multi-step protocol of it with the tiny backbone "
         "(step 0 trained once and shared), print the old/new/all mIoU table and write OUT/summary.md, "
-        "OUT/summary.json and OUT/comparison.png. About 9 minutes on 2 CPU cores; --quick about 1.5.",
+        "OUT/summary.json and OUT/comparison.png. About 7 minutes on 2 CPU cores; --quick about 1.5.",
     )
     p.add_argument("--quick", action="store_true", help="a smaller, shorter version (CI: under 2 minutes)")
     p.add_argument(
