@@ -109,19 +109,21 @@ def md_statistics(
     """
     op = "md_masks"
     check_triple(op, _FEATURE_NAMES, feat, feat_bg_erased, feat_new_erased)
-    return _statistics(op, feat, feat_bg_erased, feat_new_erased, eps, backend)
+    return _statistics(resolve_backend(op, backend, feat.device), feat, feat_bg_erased, feat_new_erased, eps)
 
 
 _FEATURE_NAMES = ("feat", "feat_bg_erased", "feat_new_erased")
 
 
-def _statistics(op, feat, feat_bg_erased, feat_new_erased, eps, backend):
-    """md_statistics after the feature checks."""
-    impl = resolve_backend(op, backend, feat.device)
-    # The statistics never get gradients (md_stats has no autograd formula).
-    a = feat.detach() if feat.requires_grad else feat
-    cb = feat_bg_erased.detach() if feat_bg_erased.requires_grad else feat_bg_erased
-    dn = feat_new_erased.detach() if feat_new_erased.requires_grad else feat_new_erased
+def _detached(*features: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """The features without autograd history: the statistics and masks never get gradients
+    (md_stats and md_masks have no autograd formula)."""
+    return tuple(f.detach() if f.requires_grad else f for f in features)
+
+
+def _statistics(impl, feat, feat_bg_erased, feat_new_erased, eps):
+    """md_statistics after the feature checks, on the resolved backend ``impl``."""
+    a, cb, dn = _detached(feat, feat_bg_erased, feat_new_erased)
     if impl == "reference":
         return reference.md_statistics(a, cb, dn, eps)
     ops = torch.ops.lskd_triton if impl == "triton" else torch.ops.lskd
@@ -176,11 +178,9 @@ def md_masks(
 
     impl = resolve_backend(op, backend, feat.device)
     if impl in ("cpu", "cuda") and type(ignore_index) is int:
-        a = feat.detach() if feat.requires_grad else feat
-        cb = feat_bg_erased.detach() if feat_bg_erased.requires_grad else feat_bg_erased
-        dn = feat_new_erased.detach() if feat_new_erased.requires_grad else feat_new_erased
+        a, cb, dn = _detached(feat, feat_bg_erased, feat_new_erased)
         return torch.ops.lskd.md_masks(a, cb, dn, labels, old_classes, ignore_index, float(eps))
-    stats = _statistics(op, feat, feat_bg_erased, feat_new_erased, eps, backend)
+    stats = _statistics(impl, feat, feat_bg_erased, feat_new_erased, eps)
     return md_masks_from_statistics(stats, labels, old_classes, ignore_index)
 
 
