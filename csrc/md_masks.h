@@ -11,7 +11,7 @@ namespace lskd {
 bool quantile_float64_ranks();
 
 // -1: as this torch does; 0 / 1: float32 / float64 ranks (tests of both rules:
-// lskd._C._set_quantile_rank_rule).
+// lskd._C._set_quantile_rank_rule, and the CUDA emulation's emu_set_float64_ranks).
 void set_quantile_rank_rule(int rule);
 
 // The argument checks every kernel makes (shapes, label dtype, devices).

@@ -427,21 +427,12 @@ void launch_select(int64_t N, int threads, size_t smem, cudaStream_t stream, con
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The quantile rank rule of csrc/md_masks.cpp; the emulation runs the kernel under both rules
-// (tests/test_cuda_emulated.py).
-bool rank_rule_float64() {
-#ifdef LSKD_CUDA_EMULATION
-  if (::lskd_emu_rt::device().float64_ranks >= 0) return ::lskd_emu_rt::device().float64_ranks != 0;
-#endif
-  return ::lskd::quantile_float64_ranks();
-}
-
 std::tuple<at::Tensor, at::Tensor> md_masks_cuda(const at::Tensor& feat, const at::Tensor& feat_bg_erased,
                                                  const at::Tensor& feat_new_erased, const at::Tensor& labels,
                                                  int64_t old_classes, int64_t ignore_index, double eps) {
   check_md_masks_args(feat, labels);
   check_cuda_input("md_masks", feat, "feat");
-  const bool float64_ranks = rank_rule_float64();
+  const bool float64_ranks = ::lskd::quantile_float64_ranks();
   c10::cuda::CUDAGuard guard(feat.device());
   // Nothing here is differentiable (the outputs are bool): skip the autograd layer of md_stats.
   at::AutoDispatchBelowADInplaceOrView below_autograd;

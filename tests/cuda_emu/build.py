@@ -58,6 +58,8 @@ def transform(text: str, name: str) -> str:
 _EXTRA = r"""
 #include <torch/library.h>
 
+#include "md_masks.h"
+
 TORCH_LIBRARY(lskd_emu, m) {
   m.def("emu_set_device(int sms, int smem_optin) -> ()");
   m.def("emu_set_float64_ranks(int rule) -> ()");
@@ -71,7 +73,8 @@ void emu_set_device(int64_t sms, int64_t smem_optin) {
   ::lskd_emu_rt::device().smem_optin = static_cast<int>(smem_optin);
   ::lskd_emu_rt::device().func_max_dyn_smem.clear();
 }
-void emu_set_float64_ranks(int64_t rule) { ::lskd_emu_rt::device().float64_ranks = static_cast<int>(rule); }
+// md_masks' rank rule is the op file's (csrc/md_masks.cpp), as lskd._C._set_quantile_rank_rule sets it.
+void emu_set_float64_ranks(int64_t rule) { ::lskd_emu::set_quantile_rank_rule(static_cast<int>(rule)); }
 int64_t emu_launches() { return ::lskd_emu_rt::device().launches; }
 // The addresses of the kernels launched since the last call.
 std::vector<int64_t> emu_kernels() {

@@ -71,7 +71,6 @@ struct Device {
   std::map<const void*, int> func_max_dyn_smem;
   int64_t launches = 0;
   std::vector<int64_t> kernels;  // address of each kernel launched (cleared by the reader)
-  int float64_ranks = -1;        // md_masks' quantile rank rule: -1 as this torch, else 0 / 1
 };
 inline Device& device() {
   static Device d;
