@@ -692,6 +692,37 @@ def check_masks_match_composite(md_masks_op, stats, a, cb, dn, labels, old=4, ig
     return sm, cm
 
 
+def rank_rule_case():
+    """``(a, cb, dn, labels)`` whose masks depend on the quantile rank rule: one old label pixel of
+    three gives q = 1/3 and the rank q * 3 of a 2x2 map is exactly 1 in float32, 1 + 3e-8 in
+    float64; cos_bg = [1, 0, 0.5, -0.5], so the pixel of cos 0 (the lo-th value) passes
+    cos_bg >= Q with float32 ranks only (dn keeps the new side false there)."""
+    a = torch.tensor([[1.0, 0.0]]).repeat(4, 1)
+    cb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 3**0.5], [-1.0, 3**0.5]])
+    dn = a.clone()
+    dn[0] = torch.tensor([0.0, 1.0])
+    a, cb, dn = (v.T.reshape(1, 2, 2, 2).contiguous() for v in (a, cb, dn))
+    return a, cb, dn, torch.tensor([[[0, 255, 255]]])
+
+
+def check_rank_rule_case(md_masks_op, set_rank_rule):
+    """``md_masks_op`` under ``set_rank_rule(False / True)`` gives the rule's masks of
+    :func:`rank_rule_case`, which differ between the two rules."""
+    a, cb, dn, labels = rank_rule_case()
+    stats = [s.cpu() for s in md_statistics(a.cpu(), cb.cpu(), dn.cpu(), backend="reference")]
+    spatial = {}
+    for rule in (False, True):
+        set_rank_rule(rule)
+        try:
+            sm, cm = md_masks_op(a, cb, dn, labels.to(a.device), 4, 255, 1e-8)
+        finally:
+            set_rank_rule(None)
+        esm, ecm = md_masks_from_statistics(stats, labels, 4, 255, float64_ranks=rule)
+        assert torch.equal(sm.cpu(), esm) and torch.equal(cm.cpu(), ecm), rule
+        spatial[rule] = esm
+    assert not torch.equal(spatial[False], spatial[True]), "the case no longer separates the rank rules"
+
+
 def check_md_masks_ties_and_nan(check, dtype, g, device="cpu"):
     """Tied statistics, constant maps and NaN through ``check(a, cb, dn, labels) -> masks``;
     returns the tied inputs ``(a, cb, dn, labels)``."""

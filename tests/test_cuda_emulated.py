@@ -34,6 +34,7 @@ from helpers import (
     check_masks_match_composite,
     check_md_masks_ties_and_nan,
     check_nan_propagates,
+    check_rank_rule_case,
     check_zero_distance,
     dtype_id,
     features,
@@ -315,6 +316,10 @@ def test_md_masks_match_composite(emu, shape, dtype, label_dtype, scenario, seed
     a, cb, dn = stat_inputs(shape, dtype)
     hl, wl = (2 * h, 2 * w) if scenario in ("mixed", "extremes") else (3 * h + 1, w + 2)
     _check_md_masks(emu, a, cb, dn, md_labels(n, hl, wl, label_dtype, scenario, g))
+
+
+def test_md_masks_follows_the_rank_rule(emu):
+    check_rank_rule_case(emu.md_masks, lambda rule: emu.emu_set_float64_ranks(-1 if rule is None else int(rule)))
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=dtype_id)

@@ -19,6 +19,7 @@ from helpers import (
     check_masks_match_composite,
     check_md_masks_parity,
     check_md_masks_ties_and_nan,
+    check_rank_rule_case,
     dtype_id,
     integer_features,
     labels_for,
@@ -181,6 +182,11 @@ def test_cpu_kernel_matches_rule(shape, dtype, layout, label_dtype, scenario, se
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, F64), ids=dtype_id)
 def test_cpu_kernel_ties_and_nan(dtype, seed):
     check_md_masks_ties_and_nan(_check_cpu_kernel, dtype, torch.Generator().manual_seed(seed))
+
+
+@needs_c
+def test_cpu_kernel_follows_the_rank_rule():
+    check_rank_rule_case(torch.ops.lskd.md_masks, _set_rank_rule)
 
 
 @needs_c
