@@ -7,7 +7,8 @@
 //
 // ce_unkd_forward
 //   student [N, K, h, w] (any strides), teacher None or [N, O, h, w] (1 <= O <= K), targets None
-//   or [N, H, W] int64 (values in [0, K) or ignore_index), weight None or [N] acc_t, size = [H, W].
+//   or [N, H, W] int64 (values in [0, K) or ignore_index), weight None or [N] acc_t, size = [H, W],
+//   merged M in [1, K] (M > 1 only without a teacher: the kernels keep one merged channel group).
 //   z_p (student) and t_p (teacher): the bilinear, align_corners=False upsampling of the logits
 //   to (H, W), as torch's upsample_bilinear2d with an output size. For an output row r (columns
 //   alike with w, W):
@@ -15,14 +16,18 @@
 //     i1 = i0 + (i0 < h - 1);  l1 = src - i0;  l0 = 1 - l1;
 //     z_p[c] = l0y * (l0x * x[i0, j0] + l1x * x[i0, j1]) + l1y * (l0x * x[i1, j0] + l1x * x[i1, j1]).
 //   lse(z) = log sum_c exp(z_c);  lse_bg(z) = log(exp(z_0) + sum_{c=O}^{K-1} exp(z_c));
+//   lse_old(z) = log sum_{c=0}^{M-1} exp(z_c);
 //   q = softmax(z_p) over K;  P = softmax(t_p) over O.
-//   ce[n]   = sum over pixels p with targets[n, p] != ignore_index of weight[n] * (lse(z_p) - z_p[y_p])
-//             (0 when targets is None; NaN when a target is neither in [0, K) nor ignore_index).
+//   ce[n]   = sum over pixels p with targets[n, p] != ignore_index of weight[n] * (lse(z_p) - z_p[y_p]),
+//             lse_old(z_p) in place of z_p[y_p] when M > 1 and y_p < M (MiB's unbiased CE: background
+//             and the old classes [1, M) are one class) (0 when targets is None; NaN when a target is
+//             neither in [0, K) nor ignore_index).
 //   unkd[n] = sum over all pixels p of
 //             -(1/O) * (P_0 * (lse_bg(z_p) - lse(z_p)) + sum_{c=1}^{O-1} P_c * (z_p[c] - lse(z_p)))
 //             (0 when teacher is None).
 //   Gradients with respect to z_p:
-//     CE:   weight[n] * (q_c - [c == y_p]) at valid pixels, 0 at ignored ones;
+//     CE:   weight[n] * (q_c - [c == y_p]) at valid pixels, 0 at ignored ones; for a merged target
+//           (M > 1, y_p < M) weight[n] * (q_c - [c < M] exp(z_c - lse_old(z_p)));
 //     UNKD: (1/O) * (q_c - P_0 * b_c - [1 <= c < O] * P_c),  b_c = exp(z_c - lse_bg(z_p)) for
 //           c in {0} U [O, K), else 0.
 //   grad_ce, grad_unkd [N, K, h, w] contiguous acc_t: the adjoint of the interpolation applied to
@@ -42,13 +47,13 @@
 TORCH_LIBRARY_FRAGMENT(lskd, m) {
   m.def(
       "ce_unkd_forward(Tensor student, Tensor? teacher, Tensor? targets, Tensor? weight, int[] size, "
-      "int ignore_index, bool with_grad) -> (Tensor ce, Tensor unkd, Tensor grad_ce, Tensor grad_unkd)");
+      "int ignore_index, int merged, bool with_grad) -> (Tensor ce, Tensor unkd, Tensor grad_ce, Tensor grad_unkd)");
 }
 
 namespace lskd {
 
 std::array<int64_t, 3> check_ce_unkd(const at::Tensor& student, const OptTensor& teacher, const OptTensor& targets,
-                                     const OptTensor& weight, at::IntArrayRef size) {
+                                     const OptTensor& weight, at::IntArrayRef size, int64_t merged) {
   const char* op = "ce_unkd_forward";
   TORCH_CHECK(student.dim() == 4, "lskd: ", op, ": student must be [N, K, h, w], got ", student.sizes());
   TORCH_CHECK(at::isFloatingType(student.scalar_type()), "lskd: ", op, ": floating-point student required, got ",
@@ -59,6 +64,10 @@ std::array<int64_t, 3> check_ce_unkd(const at::Tensor& student, const OptTensor&
   TORCH_CHECK(N == 0 || (K >= 1 && h >= 1 && w >= 1), "lskd: ", op, ": student ", student.sizes(),
               " has an empty class or spatial dimension");
   TORCH_CHECK(size[0] * size[1] < (int64_t(1) << 31) && h * w < (int64_t(1) << 31), "lskd: ", op, ": map too large");
+  TORCH_CHECK(merged >= 1 && (N == 0 || merged <= K), "lskd: ", op, ": merged must be in [1, K = ", K, "], got ",
+              merged);
+  TORCH_CHECK(merged == 1 || !teacher.has_value(), "lskd: ", op,
+              ": merged > 1 (the unbiased CE) is computed without a teacher; make a second call for UNKD");
   int64_t O = 0;
   if (teacher.has_value()) {
     const at::Tensor& t = *teacher;

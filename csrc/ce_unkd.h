@@ -10,10 +10,10 @@
 namespace lskd {
 
 // Shapes, dtypes and devices of ce_unkd_forward's inputs (the target values are the Python
-// wrapper's). Returns {O (0 without teacher), H, W}.
+// wrapper's), merged in [1, K] and 1 with a teacher. Returns {O (0 without teacher), H, W}.
 std::array<int64_t, 3> check_ce_unkd(const at::Tensor& student, const std::optional<at::Tensor>& teacher,
                                      const std::optional<at::Tensor>& targets, const std::optional<at::Tensor>& weight,
-                                     at::IntArrayRef size);
+                                     at::IntArrayRef size, int64_t merged);
 
 // ce and unkd [N] zero-filled; grad_ce / grad_unkd [N, K, h, w] contiguous (uninitialised) when
 // computed, else empty [0]. All acc_t.

@@ -4,10 +4,12 @@ Definitions: csrc/ce_unkd.cpp (header comment). z_p / t_p are the bilinear
 (align_corners=False, output size (H, W)) upsampling of the low-res student [N, K, h, w] /
 teacher [N, O, h, w] logits at output pixel p, lse(z) = log sum_c exp(z_c),
 lse_bg(z) = log(exp(z_0) + sum_{c >= O} exp(z_c)), P = softmax_O(t_p), q = softmax_K(z_p):
-    ce[n]   = sum_{p: y_p != ignore} weight[n] (lse(z_p) - z_p[y_p])
+    ce[n]   = sum_{p: y_p != ignore} weight[n] (lse(z_p) - z_p[y_p]), lse_old(z_p) = log sum_{c < M}
+              exp(z_c) in place of z_p[y_p] for a merged target (M > 1, y_p < M: MiB's unbiased CE)
     unkd[n] = sum_p -(1/O) (P_0 (lse_bg - lse) + sum_{1 <= c < O} P_c (z_c - lse))
     grad_ce / grad_unkd [N, K, h, w] = the adjoint of the interpolation applied to
         weight[n] (q_c - [c == y_p])   and   (1/O) (q_c - P_0 b_c - [1 <= c < O] P_c),
+        [c == y_p] replaced by [c < M] exp(z_c - lse_old) for a merged target,
         b_c = exp(z_c - lse_bg) on the background channels {0} U [O, K).
 Nothing is written at the output resolution.
 
@@ -15,7 +17,7 @@ One program per (tile of BLOCK_P output pixels, image n). Each program computes 
 interpolation rows/columns and weights of its pixels (scale = h / H passed from the host, in
 acc_t exactly), then loops over channel blocks of BLOCK_K twice:
   1. interpolate the [BLOCK_K, BLOCK_P] student (and teacher) tiles; online max / sum of
-     exponentials (rescaled when the max grows) for lse, lse_bg and the teacher's lse, the
+     exponentials (rescaled when the max grows) for lse, lse_bg, lse_old and the teacher's lse, the
      target logit, and sum_{c >= 1} exp(t_c - max) (z_c - z_0) for the UNKD term;
   2. (with_grad only) interpolate again and scatter the per-pixel gradients to the four
      low-res corners with tl.atomic_add.
@@ -116,11 +118,11 @@ def _online(m, s, x, msk):
 @triton.jit
 def _ce_unkd_kernel(
     s_ptr, t_ptr, y_ptr, w_ptr, ce_ptr, un_ptr, gce_ptr, gun_ptr,
-    K, O, h, w, H, W, ignore_index,
+    K, O, M, h, w, H, W, ignore_index,
     sh_hi, sh_mid, sh_lo, sw_hi, sw_mid, sw_lo,
     ss_n, ss_c, ss_h, ss_w,
     st_n, st_c, st_h, st_w,
-    HAS_T: tl.constexpr, HAS_Y: tl.constexpr, HAS_W: tl.constexpr, WITH_GRAD: tl.constexpr,
+    HAS_T: tl.constexpr, HAS_Y: tl.constexpr, HAS_W: tl.constexpr, MERGED: tl.constexpr, WITH_GRAD: tl.constexpr,
     IS_FP64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     acc_t = ce_ptr.dtype.element_ty
@@ -156,6 +158,10 @@ def _ce_unkd_kernel(
         valid = pv & (y != ignore_index)
         bad = valid & ((y < 0) | (y >= K))
         zy = tl.zeros([BLOCK_P], dtype=acc_t)
+        if MERGED:
+            merged = valid & (y < M)
+            mo = z0
+            so = tl.zeros([BLOCK_P], dtype=acc_t)
     if HAS_T:
         t0 = _lerp(t_img, to00, to01, to10, to11, pv, ly0, ly1, lx0, lx1)
         mb = z0
@@ -176,6 +182,8 @@ def _ce_unkd_kernel(
         m, s = _online(m, s, z, cv[:, None])
         if HAS_Y:
             zy += tl.sum(tl.where(ch[:, None] == y[None, :], z, 0.0), axis=0)
+            if MERGED:
+                mo, so = _online(mo, so, z, (cv & (ch < M))[:, None])
         if HAS_T:
             bg = (cv & ((ch == 0) | (ch >= O)))[:, None]
             mb, sb = _online(mb, sb, z, bg)
@@ -195,6 +203,9 @@ def _ce_unkd_kernel(
     lse = m + log_s
     if HAS_Y:
         ce_p = (m - zy) + log_s
+        if MERGED:
+            lse_o = mo + tl.log(so)
+            ce_p = tl.where(merged, lse - lse_o, ce_p)
         if HAS_W:
             wn = tl.load(w_ptr + n)
             ce_p = ce_p * wn
@@ -228,6 +239,9 @@ def _ce_unkd_kernel(
             g_off = (n * K + ch[:, None]) * hw
             if HAS_Y:
                 g = qz - (ch[:, None] == y[None, :]).to(acc_t)
+                if MERGED:
+                    old = merged[None, :] & (ch < M)[:, None]
+                    g = tl.where(merged[None, :], qz - tl.where(old, tl.exp(z - lse_o[None, :]), 0.0), g)
                 if HAS_W:
                     g = g * wn
                 g = tl.where(valid[None, :], g, 0.0)
@@ -261,7 +275,7 @@ def _scale_parts(n_in: int, n_out: int, is64: bool) -> Tuple[float, float, float
     return hi, mid, lo
 
 
-def _ce_unkd_forward_impl(student, teacher, targets, weight, size, ignore_index, with_grad):
+def _ce_unkd_forward_impl(student, teacher, targets, weight, size, ignore_index, merged, with_grad):
     op = "ce_unkd_forward"
     check_features(op, student)
     size = as_int_list(size)
@@ -289,6 +303,11 @@ def _ce_unkd_forward_impl(student, teacher, targets, weight, size, ignore_index,
         if tuple(weight.shape) != (n,) or weight.dtype != acc or not weight.is_contiguous():
             raise ValueError(f"lskd_triton: {op}: weight must be a contiguous {acc} [N] = [{n}] tensor, "
                              f"got {weight.dtype} {tuple(weight.shape)}")
+    if not 1 <= merged <= max(k, 1):
+        raise ValueError(f"lskd_triton: {op}: merged must be in [1, K = {k}], got {merged}")
+    if merged > 1 and teacher is not None:
+        raise ValueError(f"lskd_triton: {op}: merged > 1 (the unbiased CE) is computed without a teacher; "
+                         "make a second call for UNKD")
     has_t = teacher is not None
     has_y = targets is not None
     ce = torch.zeros(n, dtype=acc, device=dev)
@@ -310,10 +329,10 @@ def _ce_unkd_forward_impl(student, teacher, targets, weight, size, ignore_index,
         _ce_unkd_kernel[(nt, n)](
             student, t_arg, targets if has_y else dummy, weight if weight is not None else dummy,
             ce, unkd, grad_ce if grad_ce.numel() else dummy, grad_unkd if grad_unkd.numel() else dummy,
-            k, o, h, w, hh, ww, int(ignore_index),
+            k, o, int(merged), h, w, hh, ww, int(ignore_index),
             *_scale_parts(h, hh, is64), *_scale_parts(w, ww, is64),
             *strides4(student), *strides4(t_arg),
-            HAS_T=has_t, HAS_Y=has_y, HAS_W=weight is not None, WITH_GRAD=bool(with_grad),
+            HAS_T=has_t, HAS_Y=has_y, HAS_W=weight is not None, MERGED=has_y and merged > 1, WITH_GRAD=bool(with_grad),
             IS_FP64=is64, BLOCK_K=block_k, BLOCK_P=block_p,
             num_warps=num_warps_for(block_k * block_p),
         )
@@ -327,7 +346,7 @@ def _ce_unkd_forward_impl(student, teacher, targets, weight, size, ignore_index,
     "lskd_triton::ce_unkd_forward",
     mutates_args=(),
     schema="(Tensor student, Tensor? teacher, Tensor? targets, Tensor? weight, int[] size, int ignore_index,"
-    " bool with_grad) -> (Tensor ce, Tensor unkd, Tensor grad_ce, Tensor grad_unkd)",
+    " int merged, bool with_grad) -> (Tensor ce, Tensor unkd, Tensor grad_ce, Tensor grad_unkd)",
 )
 def ce_unkd_forward(
     student: torch.Tensor,
@@ -336,6 +355,7 @@ def ce_unkd_forward(
     weight: Optional[torch.Tensor],
     size: List[int],
     ignore_index: int,
+    merged: int,
     with_grad: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _ce_unkd_forward_impl(student, teacher, targets, weight, size, ignore_index, with_grad)
+    return _ce_unkd_forward_impl(student, teacher, targets, weight, size, ignore_index, merged, with_grad)

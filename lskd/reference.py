@@ -190,12 +190,15 @@ def ce_unkd_sums(
     weight: Optional[torch.Tensor],
     size: Tuple[int, int],
     ignore_index: int = 255,
+    merged: int = 1,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-image sums of the cross-entropy and of UNKD on the logits upsampled to ``size``
     (docs/MATHEMATICS.md §2.4): ``(ce [N], unkd [N])``, zeros for a term whose input is None.
 
     student ``[N, K, h, w]``; teacher ``[N, O, h, w]`` (O <= K, no gradient); targets ``[N, H, W]``
-    int64 in [0, K) or ``ignore_index``; weight ``[N]`` (per-image factor of the CE) or None.
+    int64 in [0, K) or ``ignore_index``; weight ``[N]`` (per-image factor of the CE) or None;
+    merged ``M`` in [1, K]: the CE of a target y < M is ``lse(z) - lse(z[:M])`` (MiB's unbiased CE,
+    background and the old classes merged); 1 is the plain CE.
     """
     z = F.interpolate(student, size=tuple(size), mode="bilinear", align_corners=False)
     n = z.shape[0]
@@ -204,6 +207,8 @@ def ce_unkd_sums(
     if targets is not None:
         valid = targets != ignore_index
         picked = z.gather(1, torch.where(valid, targets, 0)[:, None])[:, 0]
+        if merged > 1:
+            picked = torch.where(targets < merged, torch.logsumexp(z[:, :merged], dim=1), picked)
         per_pixel = torch.where(valid, lse - picked, 0.0)
         if weight is not None:
             per_pixel = per_pixel * weight.to(z.dtype)[:, None, None]

@@ -2,9 +2,10 @@
 
 * every backend on random cases: shapes (upsampling by non-integer factors, identity,
   downsampling), K up to 151, O <= K, ignored pixels, per-image weights, the teacher or the targets
-  alone, all four dtypes and four layouts; values and the gradient of a random combination;
+  alone, the plain or the unbiased CE (merged classes), all four dtypes and four layouts; values
+  and the gradient of a random combination;
 * the reference itself against the methods' eager definitions (CE of lskd.methods.base, MiB's
-  unbiased_kd on F.interpolate'd logits);
+  unbiased_cross_entropy and unbiased_kd on F.interpolate'd logits);
 * gradcheck, opcheck, torch.compile, no-grad calls, determinism on the CPU, clear errors, and an
   out-of-range target that reaches a kernel giving NaN;
 * the same random cases on a GPU (marked gpu).
@@ -23,7 +24,7 @@ import lskd
 from lskd import reference
 from lskd._dtypes import acc_dtype
 from lskd.methods.base import cross_entropy
-from lskd.methods.mib import unbiased_kd
+from lskd.methods.mib import unbiased_cross_entropy, unbiased_kd
 
 F64 = torch.float64
 IGNORE = 255
@@ -62,12 +63,17 @@ def random_inputs(rng: random.Random, dtype: torch.dtype, layout: str, small: bo
     return student, teacher, targets, weight, (hh, ww)
 
 
-def check_case(backend, student, teacher, targets, weight, size, rng) -> None:
+def random_merged(rng: random.Random, k: int) -> int:
+    """The CE's merged classes M: plain (1) half of the time, else any M in [1, K]."""
+    return 1 if rng.random() < 0.5 else rng.randint(1, k)
+
+
+def check_case(backend, student, teacher, targets, weight, size, rng, merged: int = 1) -> None:
     """Values and the gradient of ``a * ce + b * unkd`` (random per-image a, b) against the float64
     reference on the same (upcast) inputs."""
     dtype = student.dtype
     student = student.detach().requires_grad_()
-    got = lskd.ce_unkd(student, teacher, targets, weight, size, IGNORE, backend=backend)
+    got = lskd.ce_unkd(student, teacher, targets, weight, size, IGNORE, backend=backend, merged_classes=merged)
     n = student.shape[0]
     a, b = torch.rand(n, dtype=F64), torch.rand(n, dtype=F64)
     (got.ce.double().cpu() * a + got.unkd.double().cpu() * b).sum().backward()
@@ -75,7 +81,7 @@ def check_case(backend, student, teacher, targets, weight, size, rng) -> None:
     t64 = None if teacher is None else teacher.double().cpu()
     w64 = None if weight is None else weight.double().cpu()
     y = None if targets is None else targets.cpu()
-    ce, unkd = reference.ce_unkd_sums(s64, t64, y, w64, size, IGNORE)
+    ce, unkd = reference.ce_unkd_sums(s64, t64, y, w64, size, IGNORE, merged)
     (ce * a + unkd * b).sum().backward()
     for name, g, e in (("ce", got.ce, ce), ("unkd", got.unkd, unkd)):
         assert g.dtype == acc_dtype(dtype) and g.shape == (n,), (name, g.dtype, g.shape)
@@ -84,15 +90,16 @@ def check_case(backend, student, teacher, targets, weight, size, rng) -> None:
     assert_grad_close(student.grad, s64.grad, GRAD_TOL[dtype])
 
 
-def check_raw_op(op, student, teacher, targets, weight, size) -> None:
+def check_raw_op(op, student, teacher, targets, weight, size, merged: int = 1) -> None:
     """The raw op ``op`` (lskd::ce_unkd_forward or its emulated CUDA twin): values and both returned
     gradients against the float64 reference's autograd on the same (upcast) inputs."""
     acc = acc_dtype(student.dtype)
     w = None if weight is None else weight.to(acc)
-    ce, unkd, grad_ce, grad_unkd = op(student, teacher, targets, w, list(size), IGNORE, True)
+    ce, unkd, grad_ce, grad_unkd = op(student, teacher, targets, w, list(size), IGNORE, merged, True)
     s64 = student.detach().double().requires_grad_()
     t64 = None if teacher is None else teacher.double()
-    ref = reference.ce_unkd_sums(s64, t64, targets, None if weight is None else weight.double(), size, IGNORE)
+    w64 = None if weight is None else weight.double()
+    ref = reference.ce_unkd_sums(s64, t64, targets, w64, size, IGNORE, merged)
     for name, g, e, grad, present in (
         ("ce", ce, ref[0], grad_ce, targets is not None),
         ("unkd", unkd, ref[1], grad_unkd, teacher is not None),
@@ -111,7 +118,23 @@ def test_random_cases(backend, case, seed):
     rng = random.Random(seed)
     dtype = DTYPES[case % len(DTYPES)]
     layout = LAYOUTS[(case // len(DTYPES)) % len(LAYOUTS)]
-    check_case(backend, *random_inputs(rng, dtype, layout, small=backend == "triton"), rng)
+    inputs = random_inputs(rng, dtype, layout, small=backend == "triton")
+    check_case(backend, *inputs, rng, merged=random_merged(rng, inputs[0].shape[1]))
+
+
+@pytest.mark.cases(default=6, triton=3)
+def test_unbiased_ce_with_unkd(backend, case, seed):
+    """The unbiased CE (merged classes [0, M), M > 1) with UNKD in one call, as MiB makes it: the
+    kernels compute it in two passes of the op (one merged group each)."""
+    rng = random.Random(seed)
+    dtype = DTYPES[case % len(DTYPES)]
+    student, teacher, targets, weight, size = random_inputs(rng, dtype, LAYOUTS[case % len(LAYOUTS)], small=True)
+    k = student.shape[1]
+    if teacher is None:
+        teacher = torch.randn(student.shape[0], rng.randint(1, k), *student.shape[2:]).to(dtype)
+    if targets is None:
+        targets = torch.randint(0, k, (student.shape[0], *size))
+    check_case(backend, student, teacher, targets, weight, size, rng, merged=rng.randint(min(2, k), k))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
@@ -141,6 +164,10 @@ def test_reference_is_the_methods_losses(seed):
     fused_ce = cross_entropy(s, y, IGNORE, pixel_weight=w[:, None, None], mean_over="all")
     torch.testing.assert_close(fused_ce, eager_ce, rtol=1e-12, atol=0)
     torch.testing.assert_close(unkd.sum() / pixels, unbiased_kd(up(s), up(t)), rtol=1e-12, atol=0)
+    for merged in (1, 3, 6):  # merged classes: MiB's UNCE (sum over valid pixels / all pixels)
+        unce, _ = reference.ce_unkd_sums(s, None, y, None, (17, 19), IGNORE, merged)
+        eager = unbiased_cross_entropy(s, y, merged, IGNORE)
+        torch.testing.assert_close(unce.sum() / pixels, eager, rtol=1e-12, atol=0)
 
 
 def test_no_grad_and_determinism(backend, seed):
@@ -173,13 +200,14 @@ def test_double_backward_refused(compiled_backend):
         torch.autograd.grad(out.ce.sum(), s, create_graph=True)
 
 
-def test_gradcheck(backend):
+@pytest.mark.parametrize("merged", [1, 3])
+def test_gradcheck(backend, merged):
     s = torch.randn(2, 4, 3, 4, dtype=F64, requires_grad=True)
     t, y, w = torch.randn(2, 3, 3, 4, dtype=F64), torch.randint(0, 4, (2, 7, 5)), torch.rand(2, dtype=F64)
     y[0, 0] = IGNORE
 
     def fn(x):
-        out = lskd.ce_unkd(x, t, y, w, backend=backend)
+        out = lskd.ce_unkd(x, t, y, w, backend=backend, merged_classes=merged)
         return out.ce, out.unkd
 
     assert torch.autograd.gradcheck(fn, (s,), eps=1e-6, atol=1e-8)
@@ -195,9 +223,10 @@ def test_opcheck(compiled_backend):
     s = torch.randn(2, 5, 3, 4, requires_grad=True)
     t, y, w = torch.randn(2, 3, 3, 4), torch.randint(0, 5, (2, 6, 7)), torch.rand(2)
     for args in (
-        (s, t, y, w, [6, 7], IGNORE, True),
-        (s, None, y, None, [6, 7], IGNORE, False),
-        (s, t, None, None, [5, 5], IGNORE, True),
+        (s, t, y, w, [6, 7], IGNORE, 1, True),
+        (s, None, y, None, [6, 7], IGNORE, 1, False),
+        (s, None, y, w, [6, 7], IGNORE, 3, True),
+        (s, t, None, None, [5, 5], IGNORE, 1, True),
     ):
         torch.library.opcheck(op, args)
 
@@ -224,8 +253,17 @@ def test_out_of_range_target_in_kernel_is_nan(compiled_backend):
     to keep the host out of the iteration) makes that image's ce NaN, never a number."""
     s, y = torch.randn(2, 3, 2, 2), torch.zeros(2, 4, 4, dtype=torch.int64)
     y[1, 2, 2] = 7
-    ce = _raw_op(compiled_backend)(s, None, y, None, [4, 4], IGNORE, False)[0]
+    ce = _raw_op(compiled_backend)(s, None, y, None, [4, 4], IGNORE, 1, False)[0]
     assert torch.isfinite(ce[0]) and torch.isnan(ce[1])
+
+
+@pytest.mark.parametrize("merged,teacher,match", [(0, False, "merged"), (4, False, "merged"), (2, True, "teacher")])
+def test_raw_op_merged_errors(compiled_backend, merged, teacher, match):
+    """The raw op takes M in [1, K], and M > 1 only without a teacher (the wrapper splits the call)."""
+    s, y = torch.randn(2, 3, 2, 2), torch.zeros(2, 4, 4, dtype=torch.int64)
+    t = torch.randn(2, 2, 2, 2) if teacher else None
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        _raw_op(compiled_backend)(s, t, y, None, [4, 4], IGNORE, merged, False)
 
 
 @pytest.mark.parametrize(
@@ -241,6 +279,8 @@ def test_out_of_range_target_in_kernel_is_nan(compiled_backend):
         (dict(teacher=None, targets=None, size=(4, 4)), "nothing to compute"),
         (dict(targets=None), "give the output size"),
         (dict(student=torch.randn(2, 5, 3)), r"shape \[N, C, H, W\]"),
+        (dict(merged_classes=0), "merged_classes must be in"),
+        (dict(merged_classes=6), "merged_classes must be in"),
     ],
 )
 def test_clear_errors(change, match):
@@ -255,7 +295,8 @@ def test_clear_errors(change, match):
 def test_random_cases_gpu(gpu_backend, case, seed):
     rng = random.Random(seed)
     dtype = DTYPES[case % len(DTYPES)]
-    check_case(gpu_backend, *random_inputs(rng, dtype, LAYOUTS[case % len(LAYOUTS)], small=False, device="cuda"), rng)
+    inputs = random_inputs(rng, dtype, LAYOUTS[case % len(LAYOUTS)], small=False, device="cuda")
+    check_case(gpu_backend, *inputs, rng, merged=random_merged(rng, inputs[0].shape[1]))
 
 
 @pytest.mark.parametrize("alpha", [1.0, 2.0])
@@ -271,3 +312,22 @@ def test_mib_unkd_is_the_eager_one(alpha):
     terms = mib.incremental_terms(None, labels, SegOutput(logits=s, maps=[]), SegOutput(logits=t, maps=[]), ctx)
     up = lambda x: F.interpolate(x, size=(13, 17), mode="bilinear", align_corners=False)  # noqa: E731
     torch.testing.assert_close(terms["unkd"], mib.kd_factor * unbiased_kd(up(s), up(t), alpha), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("mean_over", ["all", "valid"])
+def test_mib_unce_is_the_eager_one(mean_over, seed):
+    """MiB's fused UNCE term (lskd.ce_unkd with the old classes merged) equals unbiased_cross_entropy,
+    with ignored pixels, under both normalisations."""
+    from lskd.methods import MiB, StepContext
+    from lskd.models.deeplab import SegOutput
+
+    g = torch.Generator().manual_seed(seed)
+    s, t = torch.randn(2, 6, 4, 6, dtype=F64, generator=g), torch.randn(2, 4, 4, 6, dtype=F64, generator=g)
+    labels = torch.randint(0, 6, (2, 13, 17), generator=g)
+    labels[:, :2] = IGNORE
+    ctx = StepContext(step=1, old_classes=4, new_classes=2)
+    terms = MiB(mean_over=mean_over).incremental_terms(
+        None, labels, SegOutput(logits=s, maps=[]), SegOutput(logits=t, maps=[]), ctx
+    )
+    eager = unbiased_cross_entropy(s, labels, 4, IGNORE, mean_over)
+    torch.testing.assert_close(terms["unce"], eager, rtol=1e-10, atol=0)

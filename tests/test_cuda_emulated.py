@@ -356,8 +356,19 @@ def test_ce_unkd_many_classes_and_bad_target(emu):
     )
     y = torch.zeros(2, 4, 4, dtype=torch.int64)
     y[1, 1, 1] = 3
-    ce = emu.ce_unkd_forward(torch.randn(2, 3, 2, 2), None, y, None, [4, 4], 255, False)[0]
+    ce = emu.ce_unkd_forward(torch.randn(2, 3, 2, 2), None, y, None, [4, 4], 255, 1, False)[0]
     assert torch.isfinite(ce[0]) and torch.isnan(ce[1])
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=dtype_id)
+def test_ce_unkd_unbiased_ce(emu, dtype, seed):
+    """The unbiased CE (targets y < M merged into one class) of the CUDA kernel, any M in [2, K]."""
+    rng = random.Random(seed)
+    student, _, targets, weight, size = ce_unkd_inputs(rng, dtype, "channels_last", small=True)
+    k = student.shape[1]
+    if targets is None:
+        targets = torch.randint(0, k, (student.shape[0], *size))
+    check_ce_unkd_raw(emu.ce_unkd_forward, student, None, targets, weight, size, rng.randint(min(2, k), k))
 
 
 @pytest.mark.parametrize("op", ("pod", "sop"))

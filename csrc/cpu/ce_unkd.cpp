@@ -6,9 +6,10 @@
 // [ilo, ihi] only: they are first interpolated along the columns to the output width (ZC, TC:
 // [channels][rows][W]), so that every output row is a vectorised blend of two of them. The
 // output pixels of a row are then taken in blocks of kCols columns, channel-major (the loops over
-// the pixels vectorise): teacher softmax, the student's max and background max, then one exp per
-// channel (foreground channels relative to the max, background ones relative to the background
-// max, so that neither lse underflows), the per-pixel losses and the gradients with respect to
+// the pixels vectorise): teacher softmax, the student's max and the max of its merged group (the
+// background channels {0} U [O, K) of UNKD with a teacher, the merged classes [0, M) of the
+// unbiased CE without), then one exp per channel (relative to the max, or to the group's max in
+// the group, so that neither lse underflows), the per-pixel losses and the gradients with respect to
 // the upsampled logits. Those are scattered back with the adjoint of the interpolation in the
 // same two steps: along the rows into [channels][rows][W] accumulators (vectorised), then, once
 // per chunk, along the columns into the chunk's private low-resolution buffer. The buffers of the
@@ -43,8 +44,9 @@ using cpu::block_sum;
 using cpu::grain_for;
 using cpu::opt_ptr;
 
-constexpr int64_t kRows = 32;  // output rows per work unit (fixed: the summation order depends on it)
-constexpr int64_t kCols = 64;  // output columns per block of pixels
+constexpr int64_t kRows = 32;    // output rows per work unit (fixed: the summation order depends on it)
+constexpr int64_t kCols = 64;    // output columns per block of pixels
+constexpr int32_t kMerged = -2;  // the target of a pixel whose class is one of the merged [0, M)
 
 // c ? a : b without a branch. GCC does not if-convert float selects and comparisons that could
 // trap (-ftrapping-math), which leaves the loops below scalar; bit masks vectorise.
@@ -191,8 +193,10 @@ struct Problem {
   using acc = acc_t<scalar_t>;
   int64_t N, K, h, w, H, W;
   int64_t O;  // teacher classes (0 without a teacher)
+  int64_t M;  // the CE's merged classes [0, M) (1: plain CE; > 1 only without a teacher)
   int64_t ignore_index;
   bool do_ce, do_un, with_grad, g_ce, g_un;
+  bool grouped;  // a merged channel group with its own max: UNKD's background or the CE's [0, M)
   Strides4 sx, st;
   const scalar_t* px;
   const scalar_t* pt;
@@ -204,12 +208,14 @@ struct Problem {
   int64_t nrmax;   // the most low-resolution rows a chunk reads (sizes the scratch and the per-chunk gradients)
 
   Problem(const at::Tensor& x, const at::Tensor* teacher, const at::Tensor* targets, const at::Tensor* weight,
-          int64_t out_h, int64_t out_w, int64_t ignore, bool grad)
+          int64_t out_h, int64_t out_w, int64_t ignore, int64_t merged, bool grad)
       : ay(x.size(2), out_h), ax(x.size(3), out_w) {
     N = x.size(0), K = x.size(1), h = x.size(2), w = x.size(3), H = out_h, W = out_w;
     O = teacher ? teacher->size(1) : 0;
+    M = merged;
     ignore_index = ignore;
     do_ce = targets != nullptr, do_un = teacher != nullptr;
+    grouped = do_un || M > 1;
     with_grad = grad, g_ce = grad && do_ce, g_un = grad && do_un;
     sx = strides4(x);
     st = teacher ? strides4(*teacher) : Strides4{0, 0, 0, 0};
@@ -222,6 +228,9 @@ struct Problem {
     nrmax = 1;
     for (int64_t k = 0; k < chunks; ++k) nrmax = std::max(nrmax, row_range(k).second);
   }
+
+  // Whether channel c is in the merged group: {0} U [O, K) with a teacher, [0, M) without.
+  bool in_group(int64_t c) const { return do_un ? (c == 0 || c >= O) : c < M; }
 
   // {ilo, nr}: the low-resolution rows [ilo, ilo + nr) that chunk k reads.
   std::pair<int64_t, int64_t> row_range(int64_t k) const {
@@ -313,7 +322,8 @@ void channel_max(const acc* X, int64_t B, int64_t nb, int64_t c1, int64_t c2, ac
   }
 }
 
-// targets: class index (-1 for none) and the CE factor: weight, 0 when ignored, NaN when invalid.
+// targets: class index (-1 for none, kMerged for one of the merged classes [0, M) when M > 1) and
+// the CE factor: weight, 0 when ignored, NaN when invalid.
 template <typename scalar_t, typename acc>
 void block_targets(const Problem<scalar_t>& P, const Block<acc>& b, Scratch<acc>& s) {
   const acc nan = std::numeric_limits<acc>::quiet_NaN();
@@ -323,7 +333,7 @@ void block_targets(const Problem<scalar_t>& P, const Block<acc>& b, Scratch<acc>
   for (int64_t i = 0; i < b.nb; ++i) {
     const int64_t v = y[i];
     const bool valid = v >= 0 && v < P.K;
-    vy[i] = valid && v != P.ignore_index ? static_cast<int32_t>(v) : -1;
+    vy[i] = valid && v != P.ignore_index ? (v < P.M && P.M > 1 ? kMerged : static_cast<int32_t>(v)) : -1;
     vw[i] = v == P.ignore_index ? acc(0) : (valid ? b.wn : nan);
   }
 }
@@ -346,16 +356,20 @@ void block_teacher(const Problem<scalar_t>& P, const Block<acc>& b, Scratch<acc>
   }
 }
 
-// student: Z = z, its max m and (with a teacher) the max mb over the background channels
+// student: Z = z, its max m and (grouped) the max mb over the merged group
 template <typename scalar_t, typename acc>
 void block_student(const Problem<scalar_t>& P, const Block<acc>& b, Scratch<acc>& s) {
   blend_rows(s.zc.data(), P.K, b, P.W, s.B, s.Z.data());
   channel_max(s.Z.data(), s.B, b.nb, 1, P.K, s.m.data());
-  if (P.do_un) channel_max(s.Z.data(), s.B, b.nb, P.O, P.K, s.mb.data());
+  if (P.do_un) {
+    channel_max(s.Z.data(), s.B, b.nb, P.O, P.K, s.mb.data());
+  } else if (P.grouped) {
+    channel_max(s.Z.data(), s.B, b.nb, 1, P.M, s.mb.data());
+  }
 }
 
-// One exp per channel, Z <- exp(z - m) (foreground, or all without a teacher) or exp(z - mb)
-// (background), so that neither sum underflows; S, Sb their sums; dy = z_y - m; tz, t1 the
+// One exp per channel, Z <- exp(z - m) (outside the merged group, or all without one) or
+// exp(z - mb) (in it), so that neither sum underflows; S, Sb their sums; dy = z_y - m; tz, t1 the
 // teacher sums sum_{c=1}^{O-1} T_c (z_c - m) and sum_{c=1}^{O-1} T_c.
 template <typename scalar_t, typename acc>
 void block_exps(const Problem<scalar_t>& P, const Block<acc>& b, Scratch<acc>& s) {
@@ -376,7 +390,7 @@ void block_exps(const Problem<scalar_t>& P, const Block<acc>& b, Scratch<acc>& s
   for (int64_t c = 0; c < P.K; ++c) {
     acc* __restrict z = s.Z.data() + c * s.B;
     const int32_t ci = static_cast<int32_t>(c);
-    if (P.do_un && (c == 0 || c >= P.O)) {
+    if (P.grouped && P.in_group(c)) {
       LSKD_SIMD
       for (int64_t i = 0; i < nb; ++i) {
         vdy[i] = select(vy[i] == ci, z[i] - vm[i], vdy[i]);
@@ -449,6 +463,19 @@ void block_losses(const Problem<scalar_t>& P, const Block<acc>& b, Scratch<acc>&
       vlce[i] = vw[i] * (logS - vdy[i]);
     }
     sum_un += static_cast<double>(block_sum(vlun, nb));
+  } else if (P.grouped) {
+    const int32_t* __restrict vy = s.yv.data();
+    LSKD_SIMD
+    for (int64_t i = 0; i < nb; ++i) {
+      const acc eb = exp_acc(vmb[i] - vm[i]);
+      const acc Stot = vS[i] + vSb[i] * eb;
+      const acc logS = log_acc(Stot);
+      vinvS[i] = acc(1) / Stot;
+      vrb[i] = eb * vinvS[i];
+      vib[i] = acc(1) / vSb[i];
+      // a merged target's z_y - m is lse_old - m = (mb - m) + log Sb
+      vlce[i] = vw[i] * (logS - select(vy[i] == kMerged, (vmb[i] - vm[i]) + log_acc(vSb[i]), vdy[i]));
+    }
   } else {
     LSKD_SIMD
     for (int64_t i = 0; i < nb; ++i) {
@@ -478,9 +505,16 @@ void block_gradients(const Problem<scalar_t>& P, const Block<acc>& b, Scratch<ac
   for (int64_t c = 0; c < P.K; ++c) {
     const acc* __restrict e = s.Z.data() + c * s.B;
     const int32_t ci = static_cast<int32_t>(c);
-    const bool bg = P.do_un && (c == 0 || c >= P.O);
+    const bool bg = P.grouped && P.in_group(c);
     const acc* __restrict qf = bg ? vrb : vinvS;  // q_c = e * qf
-    if (P.g_ce) {
+    if (P.g_ce && bg && !P.do_un) {
+      // a merged target's indicator is the softmax within the group, e * ib
+      LSKD_SIMD
+      for (int64_t i = 0; i < nb; ++i)
+        g[i] = vw[i] * (e[i] * vrb[i] - select(vy[i] == kMerged, e[i] * vib[i], select(vy[i] == ci, acc(1), acc(0))));
+      axpy(s.gr_ce.data() + (c * b.nr + b.a0) * W + b.q0, g, b.l0y, nb);
+      axpy(s.gr_ce.data() + (c * b.nr + b.a1) * W + b.q0, g, b.l1y, nb);
+    } else if (P.g_ce) {
       LSKD_SIMD
       for (int64_t i = 0; i < nb; ++i) g[i] = vw[i] * (e[i] * qf[i] - select(vy[i] == ci, acc(1), acc(0)));
       axpy(s.gr_ce.data() + (c * b.nr + b.a0) * W + b.q0, g, b.l0y, nb);
@@ -591,10 +625,10 @@ void reduce_gradients(const Problem<scalar_t>& P, const Parts<acc>& parts, at::T
 
 template <typename scalar_t>
 void ce_unkd_kernel(const at::Tensor& x, const at::Tensor* teacher, const at::Tensor* targets, const at::Tensor* weight,
-                    int64_t H, int64_t W, int64_t ignore_index, bool with_grad, at::Tensor& ce, at::Tensor& unkd,
-                    at::Tensor& grad_ce, at::Tensor& grad_unkd) {
+                    int64_t H, int64_t W, int64_t ignore_index, int64_t merged, bool with_grad, at::Tensor& ce,
+                    at::Tensor& unkd, at::Tensor& grad_ce, at::Tensor& grad_unkd) {
   using acc = acc_t<scalar_t>;
-  const Problem<scalar_t> P(x, teacher, targets, weight, H, W, ignore_index, with_grad);
+  const Problem<scalar_t> P(x, teacher, targets, weight, H, W, ignore_index, merged, with_grad);
   Parts<acc> parts(P, x.options().dtype(acc_scalar_type(x.scalar_type())));
   at::parallel_for(0, P.N * P.chunks, grain_for(kRows * W * P.K), [&](int64_t u0, int64_t u1) {
     Scratch<acc> s(P);
@@ -606,8 +640,9 @@ void ce_unkd_kernel(const at::Tensor& x, const at::Tensor* teacher, const at::Te
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_unkd_forward_cpu(
     const at::Tensor& student, const c10::optional<at::Tensor>& teacher, const c10::optional<at::Tensor>& targets,
-    const c10::optional<at::Tensor>& weight, at::IntArrayRef size, int64_t ignore_index, bool with_grad) {
-  const auto dims = check_ce_unkd(student, teacher, targets, weight, size);
+    const c10::optional<at::Tensor>& weight, at::IntArrayRef size, int64_t ignore_index, int64_t merged,
+    bool with_grad) {
+  const auto dims = check_ce_unkd(student, teacher, targets, weight, size, merged);
   auto out = ce_unkd_outputs(student, with_grad && targets.has_value(), with_grad && teacher.has_value());
   at::Tensor& ce = std::get<0>(out);
   at::Tensor& unkd = std::get<1>(out);
@@ -616,7 +651,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_unkd_forward_cpu(
   if (student.size(0) == 0 || (!targets.has_value() && !teacher.has_value())) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "lskd_ce_unkd_forward_cpu", [&] {
     ce_unkd_kernel<scalar_t>(student, opt_ptr(teacher), opt_ptr(targets), opt_ptr(weight), dims[1], dims[2],
-                             ignore_index, with_grad, ce, unkd, grad_ce, grad_unkd);
+                             ignore_index, merged, with_grad, ce, unkd, grad_ce, grad_unkd);
   });
   return out;
 }

@@ -5,11 +5,12 @@
 // image (grid: N * tiles). Nothing is stored at the output resolution and nothing per class:
 // each thread interpolates its pixel's K logits (and O teacher logits) from the four
 // low-resolution neighbours again in each of its passes over the classes (any K):
-//   1. pixel_maxima: the max m over all classes, the max mb over the background classes
-//      {0} U [O, K) and the teacher's max;
-//   2. pixel_sums, pixel_losses: S = sum of exp(z - m) over the foreground classes (all classes
-//      without a teacher), Sb = sum of exp(z - mb) over the background ones (neither lse can
-//      underflow), the teacher softmax sums, z_y; then the pixel's losses, summed over the block
+//   1. pixel_maxima: the max m over all classes, the max mb over the merged group (the background
+//      classes {0} U [O, K) of UNKD with a teacher, the CE's merged classes [0, M) without) and
+//      the teacher's max;
+//   2. pixel_sums, pixel_losses: S = sum of exp(z - m) outside the group (all classes without
+//      one), Sb = sum of exp(z - mb) in it (neither lse can underflow), the teacher softmax sums,
+//      z_y; then the pixel's losses, summed over the block
 //      (fixed order) and added to ce[n] / unkd[n] with one atomicAdd per block;
 //   3. pixel_gradients (with_grad): the gradients with respect to z, scattered to the four
 //      low-resolution neighbours of grad_ce / grad_unkd with atomicAdd (weights that are exactly
@@ -28,17 +29,30 @@ namespace lskd {
 namespace cuda {
 namespace {
 
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
-__device__ __forceinline__ float nan_acc(float) { return __uint_as_float(0x7fc00000u); }
-__device__ __forceinline__ double nan_acc(double) { return __longlong_as_double(0x7ff8000000000000LL); }
+__device__ __forceinline__ float exp_acc(float x) {
+  return expf(x);
+}
+__device__ __forceinline__ double exp_acc(double x) {
+  return exp(x);
+}
+__device__ __forceinline__ float log_acc(float x) {
+  return logf(x);
+}
+__device__ __forceinline__ double log_acc(double x) {
+  return log(x);
+}
+__device__ __forceinline__ float nan_acc(float) {
+  return __uint_as_float(0x7fc00000u);
+}
+__device__ __forceinline__ double nan_acc(double) {
+  return __longlong_as_double(0x7ff8000000000000LL);
+}
 
 struct CeUnkdGeom {
   int h, w, H, W;
-  int K, O;                // O = 0 without a teacher
-  int tiles;               // blocks per image
+  int K, O;   // O = 0 without a teacher
+  int M;      // the CE's merged classes [0, M): 1 (plain CE), > 1 only without a teacher
+  int tiles;  // blocks per image
   int64_t ignore_index;
 };
 
@@ -90,8 +104,8 @@ struct PixelSource {
 // The source of output pixel p of image n (its offsets in x and t: their strides may differ).
 template <typename scalar_t, typename acc>
 __device__ __forceinline__ PixelSource<scalar_t, acc> pixel_source(const scalar_t* x, Strides4 sx, const scalar_t* t,
-                                                                    Strides4 st, const CeUnkdGeom& G, int64_t n, int p,
-                                                                    acc scale_h, acc scale_w) {
+                                                                   Strides4 st, const CeUnkdGeom& G, int64_t n, int p,
+                                                                   acc scale_h, acc scale_w) {
   PixelSource<scalar_t, acc> s;
   const int r = p / G.W, q = p - (p / G.W) * G.W;
   source_index(r, G.h, scale_h, s.i0, s.i1, s.bx.l0y, s.bx.l1y);
@@ -112,8 +126,19 @@ __device__ __forceinline__ PixelSource<scalar_t, acc> pixel_source(const scalar_
   return s;
 }
 
-// Target class of output pixel p of image n (-1: none) and the CE factor wp: weight, 0 when
-// ignored, NaN when invalid (the kernel's sums then give NaN, as the CPU kernel).
+constexpr int kMerged = -2;  // the target of a pixel whose class is one of the merged [0, M)
+
+// Whether a merged channel group with its own max is kept, and whether channel c is in it.
+__device__ __forceinline__ bool grouped(const CeUnkdGeom& G, bool has_t) {
+  return has_t || G.M > 1;
+}
+__device__ __forceinline__ bool in_group(const CeUnkdGeom& G, bool has_t, int c) {
+  return has_t ? (c == 0 || c >= G.O) : c < G.M;
+}
+
+// Target class of output pixel p of image n (-1: none, kMerged: one of the merged classes) and
+// the CE factor wp: weight, 0 when ignored, NaN when invalid (the kernel's sums then give NaN, as
+// the CPU kernel).
 template <typename acc>
 __device__ __forceinline__ int pixel_target(const int64_t* __restrict__ targets, const acc* __restrict__ weight,
                                             const CeUnkdGeom& G, int64_t n, int p, acc& wp) {
@@ -123,7 +148,7 @@ __device__ __forceinline__ int pixel_target(const int64_t* __restrict__ targets,
   const int64_t v = targets[n * G.H * G.W + p];
   if (v != G.ignore_index) {
     if (v >= 0 && v < G.K) {
-      y = static_cast<int>(v);
+      y = G.M > 1 && v < G.M ? kMerged : static_cast<int>(v);
       wp = weight != nullptr ? weight[n] : acc(1);
     } else {
       wp = nan_acc(acc(0));
@@ -136,39 +161,40 @@ __device__ __forceinline__ int pixel_target(const int64_t* __restrict__ targets,
 // losses and the gradients share.
 template <typename acc>
 struct PixelStats {
-  acc m, mb, mt;  // max over all classes, over the background classes {0} U [O, K), teacher max
+  acc m, mb, mt;  // max over all classes, over the merged group, teacher max
   acc S = acc(0), Sb = acc(0), St = acc(0), et0 = acc(0), tz = acc(0), t1 = acc(0), dy = acc(0);
   acc logS, invS, rb = acc(0), ib = acc(0), invSt = acc(0), P0 = acc(0);
 };
 
-// 1. maxima: m, mb and the teacher's max mt (lse and lse_bg are taken relative to m and mb).
+// 1. maxima: m, mb and the teacher's max mt (lse and the group's lse are taken relative to m and mb).
 template <typename scalar_t, typename acc>
-__device__ __forceinline__ void pixel_maxima(const PixelSource<scalar_t, acc>& src, int K, int O, bool has_t,
+__device__ __forceinline__ void pixel_maxima(const PixelSource<scalar_t, acc>& src, const CeUnkdGeom& G, bool has_t,
                                              PixelStats<acc>& s) {
   acc m = src.z(0), mb = m, mt = has_t ? src.t(0) : acc(0);
-  for (int c = 1; c < K; ++c) {
+  for (int c = 1; c < G.K; ++c) {
     const acc z = src.z(c);
     m = max(m, z);
-    if (has_t && c >= O) mb = max(mb, z);
+    if (grouped(G, has_t) && in_group(G, has_t, c)) mb = max(mb, z);
   }
-  for (int c = 1; c < O; ++c) mt = max(mt, src.t(c));
+  for (int c = 1; c < G.O; ++c) mt = max(mt, src.t(c));
   s.m = m;
   s.mb = mb;
   s.mt = mt;
 }
 
-// 2. sums: S = sum of exp(z - m) over the foreground classes (all classes without a teacher),
-// Sb = sum of exp(z - mb) over the background ones (neither can underflow), the teacher's
+// 2. sums: S = sum of exp(z - m) outside the merged group (all classes without one),
+// Sb = sum of exp(z - mb) in it (neither can underflow), the teacher's
 // softmax sums (St, its class 0 et0, tz = sum_{c>=1} et (z - m), t1 = sum_{c>=1} et) and
 // dy = z_y - m.
 template <typename scalar_t, typename acc>
-__device__ __forceinline__ void pixel_sums(const PixelSource<scalar_t, acc>& src, int K, int O, bool has_t, int y,
-                                           PixelStats<acc>& s) {
-  for (int c = 0; c < K; ++c) {
+__device__ __forceinline__ void pixel_sums(const PixelSource<scalar_t, acc>& src, const CeUnkdGeom& G, bool has_t,
+                                           int y, PixelStats<acc>& s) {
+  const int O = G.O;
+  for (int c = 0; c < G.K; ++c) {
     const acc z = src.z(c);
     const acc d = z - s.m;
     if (c == y) s.dy = d;
-    if (has_t && (c == 0 || c >= O)) {
+    if (grouped(G, has_t) && in_group(G, has_t, c)) {
       s.Sb += exp_acc(z - s.mb);
     } else {
       s.S += exp_acc(d);
@@ -187,23 +213,27 @@ __device__ __forceinline__ void pixel_sums(const PixelSource<scalar_t, acc>& src
 }
 
 // The pixel's losses lce (0 without targets) and lun (0 without a teacher), and the factors of
-// the gradients: invS = 1 / sum exp(z - m), rb = exp(mb - m) invS (q_c = exp(z_c - mb) rb for
-// the background classes), ib = 1 / Sb, invSt, P0.
+// the gradients: invS = 1 / sum exp(z - m), rb = exp(mb - m) invS (q_c = exp(z_c - mb) rb in the
+// merged group), ib = 1 / Sb, invSt, P0.
 template <typename acc>
-__device__ __forceinline__ void pixel_losses(PixelStats<acc>& s, int O, bool has_t, bool has_y, acc wp, acc& lce,
-                                             acc& lun) {
-  if (has_t) {
+__device__ __forceinline__ void pixel_losses(PixelStats<acc>& s, const CeUnkdGeom& G, bool has_t, bool has_y, int y,
+                                             acc wp, acc& lce, acc& lun) {
+  const int O = G.O;
+  if (grouped(G, has_t)) {
     const acc eb = exp_acc(s.mb - s.m);
     const acc Stot = s.S + s.Sb * eb;
     s.logS = log_acc(Stot);
     s.invS = acc(1) / Stot;
     s.rb = eb * s.invS;
     s.ib = acc(1) / s.Sb;
+    if (y == kMerged) s.dy = (s.mb - s.m) + log_acc(s.Sb);  // lse_old - m
+  }
+  if (has_t) {
     s.invSt = acc(1) / s.St;
     s.P0 = s.et0 * s.invSt;
     // -(1/O) (P0 (lse_bg - lse) + sum_{c=1}^{O-1} P_c (z_c - lse))
     lun = -(s.P0 * ((s.mb - s.m) + log_acc(s.Sb) - s.logS) + (s.tz - s.t1 * s.logS) * s.invSt) / static_cast<acc>(O);
-  } else {
+  } else if (!grouped(G, has_t)) {
     s.logS = log_acc(s.S);
     s.invS = acc(1) / s.S;
   }
@@ -226,17 +256,18 @@ __device__ __forceinline__ void pixel_gradients(const PixelSource<scalar_t, acc>
   acc* gun = grad_unkd != nullptr ? grad_unkd + n * K * hw : nullptr;
   for (int c = 0; c < K; ++c) {
     const acc z = src.z(c);
-    const bool bg = has_t && (c == 0 || c >= O);
-    acc q, gu = acc(0);
+    const bool bg = grouped(G, has_t) && in_group(G, has_t, c);
+    acc q, target = c == y ? acc(1) : acc(0), gu = acc(0);
     if (bg) {
       const acc e = exp_acc(z - s.mb);
       q = e * s.rb;
-      gu = invO * (q - s.P0 * e * s.ib);
+      if (has_t) gu = invO * (q - s.P0 * e * s.ib);
+      if (y == kMerged) target = e * s.ib;  // the softmax within the merged classes
     } else {
       q = exp_acc(z - s.m) * s.invS;
       if (has_t) gu = invO * (q - exp_acc(src.t(c) - s.mt) * s.invSt);
     }
-    if (gce != nullptr) scatter(gce + c * hw, go, gw, wp * (q - (c == y ? acc(1) : acc(0))));
+    if (gce != nullptr) scatter(gce + c * hw, go, gw, wp * (q - target));
     if (gun != nullptr) scatter(gun + c * hw, go, gw, gu);
   }
 }
@@ -260,9 +291,9 @@ __global__ void __launch_bounds__(kThreads)
     acc wp;
     const int y = pixel_target(targets, weight, G, n, p, wp);
     PixelStats<acc> s;
-    pixel_maxima(src, G.K, G.O, has_t, s);
-    pixel_sums(src, G.K, G.O, has_t, y, s);
-    pixel_losses(s, G.O, has_t, has_y, wp, lce, lun);
+    pixel_maxima(src, G, has_t, s);
+    pixel_sums(src, G, has_t, y, s);
+    pixel_losses(s, G, has_t, has_y, y, wp, lce, lun);
     if (with_grad) pixel_gradients(src, s, G, n, has_t, y, wp, grad_ce, grad_unkd);
   }
 
@@ -279,8 +310,9 @@ __global__ void __launch_bounds__(kThreads)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_unkd_forward_cuda(
     const at::Tensor& student, const c10::optional<at::Tensor>& teacher, const c10::optional<at::Tensor>& targets,
-    const c10::optional<at::Tensor>& weight, at::IntArrayRef size, int64_t ignore_index, bool with_grad) {
-  const auto dims = check_ce_unkd(student, teacher, targets, weight, size);
+    const c10::optional<at::Tensor>& weight, at::IntArrayRef size, int64_t ignore_index, int64_t merged,
+    bool with_grad) {
+  const auto dims = check_ce_unkd(student, teacher, targets, weight, size, merged);
   check_cuda_input("ce_unkd_forward", student, "student");
   c10::cuda::CUDAGuard guard(student.device());
   const bool has_t = teacher.has_value(), has_y = targets.has_value();
@@ -300,6 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_unkd_forward_cuda(
   G.W = static_cast<int>(dims[2]);
   G.K = static_cast<int>(K);
   G.O = static_cast<int>(dims[0]);
+  G.M = static_cast<int>(merged);
   G.tiles = static_cast<int>(ceil_div(dims[1] * dims[2], kThreads));
   G.ignore_index = ignore_index;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -34,7 +34,7 @@ class CeUnkd(NamedTuple):
     unkd: torch.Tensor
 
 
-def _fake_forward(student, teacher, targets, weight, size, ignore_index, with_grad):
+def _fake_forward(student, teacher, targets, weight, size, ignore_index, merged, with_grad):
     n = student.shape[0]
     acc = acc_dtype(student.dtype)
 
@@ -71,7 +71,7 @@ def _backward(ctx, g_ce, g_unkd, _g1, _g2):
         grad = part if grad is None else grad + part
     if grad is not None:
         grad = grad.to(ctx.dtype)
-    return grad, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None
 
 
 def _register(namespace: str) -> None:
@@ -139,6 +139,7 @@ def ce_unkd(
     size: Optional[Sequence[int]] = None,
     ignore_index: int = 255,
     backend: str = "auto",
+    merged_classes: int = 1,
 ) -> CeUnkd:
     """Cross-entropy and UNKD of the logits upsampled to the label resolution (docs/MATHEMATICS.md §2.4).
 
@@ -152,10 +153,14 @@ def ce_unkd(
         size: the output size ``[H, W]``; default the targets' (required without targets).
         ignore_index: the target value that contributes nothing to ``ce``.
         backend: "auto", "reference", "cpu", "cuda" or "triton".
+        merged_classes: M in [1, K]. M > 1 makes ``ce`` MiB's unbiased cross-entropy: the classes
+            [0, M) (background and the old classes) are one class, so a target y < M costs
+            ``logsumexp(z) - logsumexp(z[:M])``. 1: the plain cross-entropy.
 
     Returns:
         :class:`CeUnkd` of per-image SUMS over the ``H * W`` output pixels: ``ce[n] = sum of
-        weight[n] * (logsumexp(z) - z[y])`` over non-ignored pixels, ``unkd[n] = sum over all pixels of
+        weight[n] * (logsumexp(z) - z[y])`` over non-ignored pixels (``logsumexp(z[:M])`` in place of
+        ``z[y]`` when y < M), ``unkd[n] = sum over all pixels of
         -(1/O) (P_0 log q_bg + sum_{c=1}^{O-1} P_c log q_c)``, with z the bilinearly upsampled student
         logits (align_corners=False, torch's rule) and P the softmax of the upsampled teacher's.
         Divide by ``N * H * W`` for the means PLOP, MiB and LSKD use.
@@ -163,6 +168,9 @@ def ce_unkd(
     size = _check_inputs(student, teacher, targets, weight, size)
     if teacher is None and targets is None:
         raise ValueError(f"{OP}: give the teacher's logits, the targets or both (nothing to compute)")
+    merged = int(merged_classes)
+    if not 1 <= merged <= student.shape[1]:
+        raise ValueError(f"{OP}: merged_classes must be in [1, K = {student.shape[1]}], got {merged_classes}")
     acc = acc_dtype(student.dtype)
     if weight is not None:
         weight = weight.detach().to(device=student.device, dtype=acc).contiguous()
@@ -173,9 +181,16 @@ def ce_unkd(
     impl = resolve_backend(OP, backend, student.device)
     if impl == "reference":
         t = None if teacher is None else teacher.to(acc)
-        return CeUnkd(*reference.ce_unkd_sums(student.to(acc), t, targets, weight, size, ignore_index))
+        return CeUnkd(*reference.ce_unkd_sums(student.to(acc), t, targets, weight, size, ignore_index, merged))
     with_grad = student.requires_grad and torch.is_grad_enabled()
     teacher = None if teacher is None else teacher.detach()
     ops = torch.ops.lskd_triton if impl == "triton" else torch.ops.lskd
-    ce, unkd, _, _ = ops.ce_unkd_forward(student, teacher, targets, weight, size, int(ignore_index), with_grad)
+    ignore_index = int(ignore_index)
+    if merged > 1 and teacher is not None and targets is not None:
+        # the kernels keep one merged channel group per call: UNKD's background or the CE's [0, M)
+        ce = ops.ce_unkd_forward(student, None, targets, weight, size, ignore_index, merged, with_grad)[0]
+        unkd = ops.ce_unkd_forward(student, teacher, None, None, size, ignore_index, 1, with_grad)[1]
+        return CeUnkd(ce, unkd)
+    merged = merged if targets is not None else 1
+    ce, unkd, _, _ = ops.ce_unkd_forward(student, teacher, targets, weight, size, ignore_index, merged, with_grad)
     return CeUnkd(ce, unkd)
