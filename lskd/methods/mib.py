@@ -3,8 +3,9 @@
 Both losses model the background shift: at step t the student's background at a pixel
 labelled 0 may be an old class (UNCE merges background and old classes), and the
 teacher's background may be a new class (UNKD merges background and new classes).
-:func:`unbiased_kd` is the eager definition of UNKD (L2 = 10 * UNKD, docs/MATHEMATICS.md §3.3);
-MiB and LSKD compute it fused (:func:`lskd.ce_unkd`). UNCE averages over ALL pixels, ignored
+:func:`unbiased_cross_entropy` and :func:`unbiased_kd` are the eager definitions of UNCE and UNKD
+(L2 = 10 * UNKD, docs/MATHEMATICS.md §3.3); MiB computes both fused (:func:`lskd.ce_unkd` with
+``merged_classes`` = the old classes), LSKD its UNKD. UNCE averages over ALL pixels, ignored
 ones counting as 0, as the released code does (``mean_over="valid"``: over the
 non-ignored pixels).
 """
@@ -143,12 +144,19 @@ class MiB(Method):
         teacher_out: SegOutput,
         ctx: StepContext,
     ) -> Dict[str, torch.Tensor]:
-        size = labels.shape[-2:]
         logits = student_out.logits
         teacher = teacher_like(teacher_out.logits, logits)
-        # UNKD fused (lskd.ce_unkd: p = softmax(alpha * teacher), as unbiased_kd); UNCE stays eager
-        unkd = ops.ce_unkd(logits, teacher if self.alpha == 1 else teacher * self.alpha, size=size).unkd
-        return {
-            "unce": unbiased_cross_entropy(logits, labels, ctx.old_classes, self.ignore_index, self.mean_over),
-            "unkd": self.kd_factor * (unkd.sum() / labels.numel()),
-        }
+        # both fused (lskd.ce_unkd: p = softmax(alpha * teacher), as unbiased_kd; the CE's classes
+        # [0, O) merged, as unbiased_cross_entropy)
+        sums = ops.ce_unkd(
+            logits,
+            teacher if self.alpha == 1 else teacher * self.alpha,
+            labels,
+            ignore_index=self.ignore_index,
+            merged_classes=ctx.old_classes,
+        )
+        if self.mean_over == "all":
+            pixels = labels.numel()
+        else:
+            pixels = (labels != self.ignore_index).sum().clamp(min=1)
+        return {"unce": sums.ce.sum() / pixels, "unkd": self.kd_factor * (sums.unkd.sum() / labels.numel())}
