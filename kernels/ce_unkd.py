@@ -14,8 +14,8 @@ lse_bg(z) = log(exp(z_0) + sum_{c >= O} exp(z_c)), P = softmax_O(t_p), q = softm
 Nothing is written at the output resolution.
 
 One program per (tile of BLOCK_P output pixels, image n). Each program computes the
-interpolation rows/columns and weights of its pixels (scale = h / H passed from the host, in
-acc_t exactly), then loops over channel blocks of BLOCK_K twice:
+interpolation rows/columns and weights of its pixels (kernels/_bilinear.py: scale = h / H passed
+from the host, in acc_t exactly), then loops over channel blocks of BLOCK_K twice:
   1. interpolate the [BLOCK_K, BLOCK_P] student (and teacher) tiles; online max / sum of
      exponentials (rescaled when the max grows) for lse, lse_bg, lse_old and the teacher's lse, the
      target logit, and sum_{c >= 1} exp(t_c - max) (z_c - z_0) for the UNKD term;
@@ -34,11 +34,11 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from ._bilinear import axis_coords, lerp, scale_parts
 from ._launch import (
     acc_dtype,
     as_int_list,
@@ -62,37 +62,8 @@ CE_UNKD_MAX_BLOCK_K = 64
 # device helpers
 # --------------------------------------------------------------------------
 @triton.jit
-def _axis_coords(o, n_in, hi, mid, lo, IS_FP64: tl.constexpr):
-    """Source indices (i0, i1) and weights (l0, l1) of output coordinates o (torch's
-    align_corners=False rule; scale = hi + mid + lo, exact in the acc dtype)."""
-    if IS_FP64:
-        scale = tl.cast(hi, tl.float64) + tl.cast(mid, tl.float64) + tl.cast(lo, tl.float64)
-        src = scale * (o.to(tl.float64) + 0.5) - 0.5
-    else:
-        scale = tl.cast(hi, tl.float32)
-        src = scale * (o.to(tl.float32) + 0.5) - 0.5
-    src = tl.maximum(src, 0.0)
-    i0 = tl.minimum(src.to(tl.int32), n_in - 1)  # src >= 0: truncation is floor
-    i1 = i0 + (i0 < n_in - 1).to(tl.int32)
-    l1 = src - i0.to(src.dtype)
-    l0 = 1.0 - l1
-    return i0, i1, l0, l1
-
-
-@triton.jit
-def _lerp(base, o00, o01, o10, o11, mask, ly0, ly1, lx0, lx1):
-    """Bilinear value from the four corners base + o.. (any broadcastable shapes), in the weights' dtype."""
-    acc_t = ly0.dtype
-    x00 = tl.load(base + o00, mask=mask, other=0.0).to(acc_t)
-    x01 = tl.load(base + o01, mask=mask, other=0.0).to(acc_t)
-    x10 = tl.load(base + o10, mask=mask, other=0.0).to(acc_t)
-    x11 = tl.load(base + o11, mask=mask, other=0.0).to(acc_t)
-    return ly0 * (lx0 * x00 + lx1 * x01) + ly1 * (lx0 * x10 + lx1 * x11)
-
-
-@triton.jit
 def _scatter(base, c00, c01, c10, c11, mask, g, ly0, ly1, lx0, lx1):
-    """Adjoint of _lerp: add the corner weights times g to base + c.. (zero weights skipped)."""
+    """Adjoint of lerp: add the corner weights times g to base + c.. (zero weights skipped)."""
     w00 = ly0 * lx0
     w01 = ly0 * lx1
     w10 = ly1 * lx0
@@ -133,8 +104,8 @@ def _ce_unkd_kernel(
     pv = pp < HW
     r = pp // W
     q = pp - r * W
-    iy0, iy1, ly0, ly1 = _axis_coords(r, h, sh_hi, sh_mid, sh_lo, IS_FP64)
-    ix0, ix1, lx0, lx1 = _axis_coords(q, w, sw_hi, sw_mid, sw_lo, IS_FP64)
+    iy0, iy1, ly0, ly1 = axis_coords(r, h, sh_hi, sh_mid, sh_lo, IS_FP64)
+    ix0, ix1, lx0, lx1 = axis_coords(q, w, sw_hi, sw_mid, sw_lo, IS_FP64)
     # corner offsets in the student and teacher (strided) and in the contiguous gradients
     so00 = iy0 * ss_h + ix0 * ss_w
     so01 = iy0 * ss_h + ix1 * ss_w
@@ -150,7 +121,7 @@ def _ce_unkd_kernel(
     inv_o = 1.0 / tl.cast(O, acc_t)
 
     # channel 0 first: finite starting maxima and the reference z_0 of the UNKD sum
-    z0 = _lerp(s_img, so00, so01, so10, so11, pv, ly0, ly1, lx0, lx1)
+    z0 = lerp(s_img, so00, so01, so10, so11, pv, ly0, ly1, lx0, lx1)
     m = z0
     s = tl.zeros([BLOCK_P], dtype=acc_t)
     if HAS_Y:
@@ -163,7 +134,7 @@ def _ce_unkd_kernel(
             mo = z0
             so = tl.zeros([BLOCK_P], dtype=acc_t)
     if HAS_T:
-        t0 = _lerp(t_img, to00, to01, to10, to11, pv, ly0, ly1, lx0, lx1)
+        t0 = lerp(t_img, to00, to01, to10, to11, pv, ly0, ly1, lx0, lx1)
         mb = z0
         sb = tl.zeros([BLOCK_P], dtype=acc_t)
         mt = t0
@@ -176,8 +147,8 @@ def _ce_unkd_kernel(
         ch = c0 + kk
         cv = ch < K
         m2 = cv[:, None] & pv[None, :]
-        z = _lerp(s_img + ch[:, None] * ss_c, so00[None, :], so01[None, :], so10[None, :], so11[None, :], m2,
-                  ly0[None, :], ly1[None, :], lx0[None, :], lx1[None, :])
+        z = lerp(s_img + ch[:, None] * ss_c, so00[None, :], so01[None, :], so10[None, :], so11[None, :], m2,
+                 ly0[None, :], ly1[None, :], lx0[None, :], lx1[None, :])
         # statistics over channels only: pixels past the end see zeros (finite, discarded)
         m, s = _online(m, s, z, cv[:, None])
         if HAS_Y:
@@ -188,8 +159,8 @@ def _ce_unkd_kernel(
             bg = (cv & ((ch == 0) | (ch >= O)))[:, None]
             mb, sb = _online(mb, sb, z, bg)
             tc = (ch < O)[:, None]
-            t = _lerp(t_img + ch[:, None] * st_c, to00[None, :], to01[None, :], to10[None, :], to11[None, :],
-                      tc & pv[None, :], ly0[None, :], ly1[None, :], lx0[None, :], lx1[None, :])
+            t = lerp(t_img + ch[:, None] * st_c, to00[None, :], to01[None, :], to10[None, :], to11[None, :],
+                     tc & pv[None, :], ly0[None, :], ly1[None, :], lx0[None, :], lx1[None, :])
             mt_new = tl.maximum(mt, tl.max(tl.where(tc, t, -float("inf")), axis=0))
             alpha = tl.exp(mt - mt_new)
             e = tl.where(tc, tl.exp(t - mt_new[None, :]), 0.0)
@@ -233,8 +204,8 @@ def _ce_unkd_kernel(
             ch = c0 + kk
             cv = ch < K
             m2 = cv[:, None] & pv[None, :]
-            z = _lerp(s_img + ch[:, None] * ss_c, so00[None, :], so01[None, :], so10[None, :], so11[None, :], m2,
-                      ly0[None, :], ly1[None, :], lx0[None, :], lx1[None, :])
+            z = lerp(s_img + ch[:, None] * ss_c, so00[None, :], so01[None, :], so10[None, :], so11[None, :], m2,
+                     ly0[None, :], ly1[None, :], lx0[None, :], lx1[None, :])
             qz = tl.exp(z - lse[None, :])
             g_off = (n * K + ch[:, None]) * hw
             if HAS_Y:
@@ -252,8 +223,8 @@ def _ce_unkd_kernel(
                 bg = m2 & ((ch == 0) | (ch >= O))[:, None]
                 b = tl.where(bg, tl.exp(z - lse_bg[None, :]), 0.0)
                 tm2 = ((ch >= 1) & (ch < O))[:, None] & pv[None, :]
-                t = _lerp(t_img + ch[:, None] * st_c, to00[None, :], to01[None, :], to10[None, :], to11[None, :],
-                          tm2, ly0[None, :], ly1[None, :], lx0[None, :], lx1[None, :])
+                t = lerp(t_img + ch[:, None] * st_c, to00[None, :], to01[None, :], to10[None, :], to11[None, :],
+                         tm2, ly0[None, :], ly1[None, :], lx0[None, :], lx1[None, :])
                 pc = tl.where(tm2, tl.exp(t - lse_t[None, :]), 0.0)
                 g = (qz - p0[None, :] * b - pc) * inv_o
                 _scatter(gun_ptr + g_off, c00, c01, c10, c11, m2, g,
@@ -263,18 +234,6 @@ def _ce_unkd_kernel(
 # --------------------------------------------------------------------------
 # launcher
 # --------------------------------------------------------------------------
-def _scale_parts(n_in: int, n_out: int, is64: bool) -> Tuple[float, float, float]:
-    """(acc_t) n_in / n_out as float32 parts (Triton passes Python floats as fp32): hi alone for
-    fp32 (double rounding of a quotient is innocuous), hi + mid + lo for fp64 (exact)."""
-    s = n_in / n_out
-    hi = float(np.float32(s))
-    if not is64:
-        return hi, 0.0, 0.0
-    mid = float(np.float32(s - hi))
-    lo = float(np.float32(s - hi - mid))
-    return hi, mid, lo
-
-
 def _ce_unkd_forward_impl(student, teacher, targets, weight, size, ignore_index, merged, with_grad):
     op = "ce_unkd_forward"
     check_features(op, student)
@@ -330,7 +289,7 @@ def _ce_unkd_forward_impl(student, teacher, targets, weight, size, ignore_index,
             student, t_arg, targets if has_y else dummy, weight if weight is not None else dummy,
             ce, unkd, grad_ce if grad_ce.numel() else dummy, grad_unkd if grad_unkd.numel() else dummy,
             k, o, int(merged), h, w, hh, ww, int(ignore_index),
-            *_scale_parts(h, hh, is64), *_scale_parts(w, ww, is64),
+            *scale_parts(h, hh, is64), *scale_parts(w, ww, is64),
             *strides4(student), *strides4(t_arg),
             HAS_T=has_t, HAS_Y=has_y, HAS_W=weight is not None, MERGED=has_y and merged > 1, WITH_GRAD=bool(with_grad),
             IS_FP64=is64, BLOCK_K=block_k, BLOCK_P=block_p,

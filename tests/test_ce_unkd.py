@@ -64,8 +64,9 @@ def random_inputs(rng: random.Random, dtype: torch.dtype, layout: str, small: bo
 
 
 def random_merged(rng: random.Random, k: int) -> int:
-    """The CE's merged classes M: plain (1) half of the time, else any M in [1, K]."""
-    return 1 if rng.random() < 0.5 else rng.randint(1, k)
+    """The CE's merged classes M: plain (1) half of the time, else any M in [1, K - 1] (M = K makes
+    the CE 0 with a zero gradient, which a relative gradient check cannot judge)."""
+    return 1 if rng.random() < 0.5 else rng.randint(1, max(1, k - 1))
 
 
 def check_case(backend, student, teacher, targets, weight, size, rng, merged: int = 1) -> None:
@@ -128,13 +129,13 @@ def test_unbiased_ce_with_unkd(backend, case, seed):
     kernels compute it in two passes of the op (one merged group each)."""
     rng = random.Random(seed)
     dtype = DTYPES[case % len(DTYPES)]
-    student, teacher, targets, weight, size = random_inputs(rng, dtype, LAYOUTS[case % len(LAYOUTS)], small=True)
-    k = student.shape[1]
-    if teacher is None:
-        teacher = torch.randn(student.shape[0], rng.randint(1, k), *student.shape[2:]).to(dtype)
-    if targets is None:
-        targets = torch.randint(0, k, (student.shape[0], *size))
-    check_case(backend, student, teacher, targets, weight, size, rng, merged=rng.randint(min(2, k), k))
+    k = rng.randint(3, 12)
+    student, teacher, targets, weight, size = random_inputs(rng, dtype, LAYOUTS[case % len(LAYOUTS)], True, k=k)
+    n = student.shape[0]
+    if teacher is None or teacher.shape[1] == 1:  # one teacher class: UNKD is 0, with no gradient
+        teacher = torch.randn(n, rng.randint(2, k), *student.shape[2:]).to(dtype)
+    targets = torch.randint(0, k, (n, *size))  # valid targets: the CE has a gradient to compare
+    check_case(backend, student, teacher, targets, weight, size, rng, merged=rng.randint(2, k - 1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)

@@ -19,8 +19,10 @@
 // Functions: process_unit (one work unit) -> output_row (one output row) -> block_targets,
 // block_teacher, block_student, block_exps, block_losses, block_gradients (one block of pixels);
 // scatter_columns (per unit); reduce_losses, reduce_gradients (per image, in chunk order).
+#include "bilinear.h"
 #include "ce_unkd.h"
 #include "cpu_utils.h"
+#include "vec_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -40,112 +42,18 @@ namespace lskd {
 
 namespace {
 
+using cpu::Axis;
 using cpu::block_sum;
+using cpu::exp_acc;
 using cpu::grain_for;
+using cpu::interp_columns;
+using cpu::log_acc;
 using cpu::opt_ptr;
+using cpu::select;
 
 constexpr int64_t kRows = 32;    // output rows per work unit (fixed: the summation order depends on it)
 constexpr int64_t kCols = 64;    // output columns per block of pixels
 constexpr int32_t kMerged = -2;  // the target of a pixel whose class is one of the merged [0, M)
-
-// c ? a : b without a branch. GCC does not if-convert float selects and comparisons that could
-// trap (-ftrapping-math), which leaves the loops below scalar; bit masks vectorise.
-template <typename acc>
-inline acc select(bool c, acc a, acc b) {
-  using I = std::conditional_t<sizeof(acc) == 4, int32_t, int64_t>;
-  const I m = -static_cast<I>(c);
-  return std::bit_cast<acc>(static_cast<I>((m & std::bit_cast<I>(a)) | (~m & std::bit_cast<I>(b))));
-}
-
-// exp(x) for float, in a form the compiler vectorises (Cephes' expf: x = n ln2 + r,
-// |r| <= ln2 / 2, degree-7 polynomial, 2^n through the exponent bits; about 1 ulp). Below -88 it
-// gives 0 (the exact value is at most 6e-39), above 88 it saturates; NaN stays NaN.
-inline float exp_acc(float x) {
-  const float xc = select(x < -88.0f, -88.0f, select(x > 88.0f, 88.0f, x));
-  const float fn = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = xc - fn * 0.693359375f;
-  r = r - fn * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const float scale = std::bit_cast<float>((static_cast<int32_t>(fn) + 127) << 23);
-  return select((std::bit_cast<int32_t>(x) & 0x7fffffff) > 0x7f800000, x, p * scale);
-}
-inline double exp_acc(double x) {
-  return std::exp(x);
-}
-
-// log(x) for float, vectorisable (Cephes' logf: x = m 2^e, sqrt(1/2) <= m < sqrt(2), degree-9
-// polynomial in m - 1; about 1 ulp) for normal positive x, +inf and NaN; NaN for the others
-// (zero, subnormal or negative: the sums it is applied to are >= 1 or NaN).
-inline float log_acc(float x) {
-  const int32_t ix = std::bit_cast<int32_t>(x);
-  const bool small = (ix & 0x007fffff) < 0x3504f3;  // mantissa < sqrt(2) / 2 once scaled to [0.5, 1)
-  const float fe = static_cast<float>(((ix >> 23) & 0xff) - 126 - static_cast<int32_t>(small));
-  float m = std::bit_cast<float>((ix & 0x007fffff) | 0x3f000000);  // [0.5, 1)
-  m = select(small, m + m, m) - 1.0f;
-  const float z = m * m;
-  float y = 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  y = y * m * z;
-  y = y + fe * -2.12194440e-4f;
-  y = y - 0.5f * z;
-  const float r = (m + y) + fe * 0.693359375f;
-  const bool normal = ix >= 0x00800000 && ix < 0x7f800000;
-  return select(normal, r, select(ix >= 0x7f800000, x, std::numeric_limits<float>::quiet_NaN()));
-}
-inline double log_acc(double x) {
-  return std::log(x);
-}
-
-// Bilinear (align_corners=False) source indices and weights of one axis, as upsample_bilinear2d.
-template <typename acc>
-struct Axis {
-  std::vector<int64_t> i0, i1;
-  std::vector<acc> l0, l1;
-  Axis(int64_t in, int64_t out) : i0(out), i1(out), l0(out), l1(out) {
-    const acc scale = static_cast<acc>(in) / static_cast<acc>(out);
-    for (int64_t o = 0; o < out; ++o) {
-      acc src = scale * (static_cast<acc>(o) + acc(0.5)) - acc(0.5);
-      if (src < acc(0)) src = acc(0);
-      const int64_t a = std::min(static_cast<int64_t>(src), in - 1);
-      i0[o] = a;
-      i1[o] = a + (a < in - 1 ? 1 : 0);
-      l1[o] = src - static_cast<acc>(a);
-      l0[o] = acc(1) - l1[o];
-    }
-  }
-};
-
-// out[c][ii][col] = column interpolation of low-resolution row ilo + ii of channel c (C channels,
-// nr rows) at output column col. x points at the image; row: scratch of w values.
-template <typename scalar_t, typename acc>
-void interp_columns(const scalar_t* x, const Strides4& s, int64_t C, int64_t ilo, int64_t nr, int64_t w,
-                    const Axis<acc>& ax, int64_t W, acc* row, acc* out) {
-  const int64_t* j0 = ax.i0.data();
-  const int64_t* j1 = ax.i1.data();
-  const acc* l0 = ax.l0.data();
-  const acc* l1 = ax.l1.data();
-  for (int64_t c = 0; c < C; ++c) {
-    for (int64_t ii = 0; ii < nr; ++ii) {
-      const scalar_t* p = x + c * s.c + (ilo + ii) * s.h;
-      for (int64_t j = 0; j < w; ++j) row[j] = static_cast<acc>(p[j * s.w]);
-      acc* o = out + (c * nr + ii) * W;
-      for (int64_t col = 0; col < W; ++col) o[col] = l0[col] * row[j0[col]] + l1[col] * row[j1[col]];
-    }
-  }
-}
 
 // part[c][ii][j] += adjoint of the column interpolation of g[c][ii][col] (C channels, nr rows).
 // Eight rows at a time, column-major: the read-modify-writes of a row depend on each other
