@@ -169,11 +169,15 @@ def floor_bytes(op: str, shapes, dtype: torch.dtype) -> int:
     passes (its backward needs only the pooled gradient). md_masks: read the
     three feature sets once. lskd_loss: 4 passes over every map (the MCD term
     on map 4 shares the passes of its MD term when fused; counted once).
-    ce_unkd: :func:`ce_unkd_floor_bytes`.
+    ce_unkd: :func:`ce_unkd_floor_bytes`. pseudo_labels (``shapes = [teacher (N, O, h, w), labels
+    (N, 1, H, W)]``): read the teacher's logits and the int64 labels once, write the int64 targets.
     """
     elem = torch.empty((), dtype=dtype).element_size()
     if op == "ce_unkd":
         return ce_unkd_floor_bytes(shapes, elem)
+    if op == "pseudo_labels":
+        (n, o, h, w), (_, _, hh, ww) = shapes
+        return elem * n * o * h * w + 16 * n * hh * ww
     numel = sum(n * c * h * w for n, c, h, w in shapes)
     passes = {"pod_distill": 4, "sop_distill": 3, "md_masks": 3, "lskd_loss": 4}[op]
     return passes * numel * elem

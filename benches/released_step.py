@@ -13,9 +13,10 @@ computes differently is overridden, from :mod:`lskd.reference` pieces.
   PyTorch (:func:`lskd.reference.pod_distances` / :func:`~lskd.reference.sop_distances`, one
   autograd graph per term), CE and UNKD on logits upsampled by F.interpolate. With
   :class:`lskd.weighting.RGE` the trainer then takes one ``torch.autograd.grad`` per term through
-  those eager graphs (the release's rule).
-* :class:`EagerPLOP`: PLOP with the six Local POD terms in eager PyTorch (the reference POD), the
-  rest (pseudo-labelled CE, factors) the package's.
+  those eager graphs (the release's rule), and the pseudo-labels in eager PyTorch (upsampled
+  teacher logits, their entropy and argmax: :func:`lskd.reference.pseudo_labels`).
+* :class:`EagerPLOP`: PLOP with the six Local POD terms and the pseudo-labels in eager PyTorch
+  (the reference POD and pseudo-labels), the rest (CE, factors) the package's.
 
 Shapes: images ``[N, 3, H, W]``, labels ``[N, H, W]`` int64 (old classes -> 0, 255 ignored);
 the terms are scalars (float32 accumulation, bf16 inputs under autocast stay bf16 in the eager
@@ -33,7 +34,7 @@ from lskd import reference
 from lskd.methods import LSKD, PLOP, Method, StepContext, erase_images, teacher_triplet
 from lskd.methods.base import distilled_maps, pod_scales, to_acc, upsample_logits
 from lskd.methods.mib import unbiased_kd
-from lskd.methods.plop import pseudo_labelled_ce
+from lskd.methods.plop import EntropyPseudoLabeler, pseudo_labelled_ce
 from lskd.models.deeplab import SegOutput
 from lskd.ops import PodTerm, SopTerm, Term
 from lskd.terms import LOGITS_MAP
@@ -76,7 +77,17 @@ class LSKDFloor(Method):
         return a, ctx.replace(teacher_erased=(cb, dn))
 
 
-class ReleasedLSKD(LSKD):
+class EagerPseudoLabels:
+    """Mixin: the labeler's per-batch pseudo-labels on the reference backend (eager PyTorch)."""
+
+    labeler: EntropyPseudoLabeler
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.labeler.backend = "reference"
+
+
+class ReleasedLSKD(EagerPseudoLabels, LSKD):
     """LSKD with the release's costs (module doc); the same nine terms, names and factors as
     :class:`lskd.methods.LSKD` (its ``incremental_terms`` builds them, these overrides evaluate them)."""
 
@@ -137,9 +148,9 @@ class ReleasedLSKD(LSKD):
         return {"ce": (ce * factor[:, None, None]).mean(), "unkd": self.unkd_factor * unbiased_kd(s_logits, t_logits)}
 
 
-class EagerPLOP(PLOP):
-    """PLOP with its POD terms in eager PyTorch (:func:`lskd.reference.pod_distances`, one graph per
-    map); the pseudo-labelled CE, the schedule and the factors are :class:`lskd.methods.PLOP`'s."""
+class EagerPLOP(EagerPseudoLabels, PLOP):
+    """PLOP with its POD terms (:func:`lskd.reference.pod_distances`, one graph per map) and its
+    pseudo-labels in eager PyTorch; the CE, the schedule and the factors are :class:`lskd.methods.PLOP`'s."""
 
     name = "plop-eager"
 

@@ -240,3 +240,35 @@ def test_ce_unkd(benchmark, device_info, backend, dtype):
     shapes = [(n, k, h, h), (n, o, h, h), (n, 1, size, size)]
     benchmark.group = f"ce_unkd {_shape_id(shapes[0])} to {size} {_dtype_id(dtype)}"
     _run(benchmark, device_info, "ce_unkd", backend, shapes, dtype, fn, [student])
+
+
+# ---------------------------------------------------------------- pseudo_labels
+# PLOP's / LSKD's per-batch pseudo-labels at the step bench's shapes (GPU: VOC 15-5's 16 old
+# classes, stride 16 at 512; CPU: the demo's 4 old classes, stride 8 at 64), no gradient.
+PSEUDO_SHAPE = (12, 16, 32, 512) if wl.on_gpu() else (16, 4, 8, 64)  # N, O, h, H
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("backend", _backends("pseudo_labels"))
+def test_pseudo_labels(benchmark, device_info, backend, dtype):
+    """Targets and counts from the teacher's logits upsampled to the labels; eager =
+    lskd.reference.pseudo_labels (F.interpolate, entropy, argmax, threshold) in the input dtype."""
+    n, o, h, size = PSEUDO_SHAPE
+    g = torch.Generator().manual_seed(0)
+    teacher = (3 * torch.randn(n, o, h, h, generator=g)).to(DEV, dtype)
+    labels = torch.randint(0, o + 3, (n, size, size), generator=g)
+    labels[:, : size // 8] = 255
+    labels, thresholds = labels.to(DEV), torch.rand(o, generator=g).to(DEV)
+
+    def ref():
+        reference.pseudo_labels(teacher, labels, thresholds.to(dtype))
+
+    fn = _loss_fn(ref, backend, ("pseudo_labels", dtype))
+    if fn is None:
+
+        def fn():
+            lskd.pseudo_labels(teacher, labels, thresholds, backend=backend)
+
+    shapes = [(n, o, h, h), (n, 1, size, size)]
+    benchmark.group = f"pseudo_labels {_shape_id(shapes[0])} to {size} {_dtype_id(dtype)}"
+    _run(benchmark, device_info, "pseudo_labels", backend, shapes, dtype, fn, [])

@@ -18,6 +18,7 @@ from .ops import (
     distill_terms,
     md_masks,
     pod_distill,
+    pseudo_labels,
     sop_distill,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "SopTerm",
     "md_masks",
     "ce_unkd",
+    "pseudo_labels",
     "available_backends",
     "__version__",
 ]

@@ -13,6 +13,7 @@ reduction); ``lskd.ops`` applies the reduction.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -27,6 +28,8 @@ __all__ = [
     "md_statistics",
     "md_masks",
     "ce_unkd_sums",
+    "normalized_entropy",
+    "pseudo_labels",
 ]
 
 
@@ -221,3 +224,38 @@ def ce_unkd_sums(
         inner = p[:, 0] * (lse_bg - lse) + (p[:, 1:] * (z[:, 1:o] - lse[:, None])).sum(dim=1)
         unkd = (-inner / o).sum(dim=(1, 2))
     return ce, unkd
+
+
+def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W]`` logits -> ``[N, H, W]``: the Shannon entropy of the softmax over C divided by
+    log C, in [0, 1] (0 when C == 1), in the logits' dtype (docs/MATHEMATICS.md §2.5)."""
+    c = logits.shape[1]
+    if c == 1:
+        return torch.zeros_like(logits[:, 0])
+    logp = torch.log_softmax(logits, dim=1)
+    return -(logp.exp() * logp).sum(dim=1) / math.log(c)
+
+
+def pseudo_labels(
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    thresholds: torch.Tensor,
+    ignore_index: int = 255,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PLOP's entropy pseudo-labels (docs/MATHEMATICS.md §2.5): ``(targets [N, H, W] int64,
+    accepted [N] int64, eligible [N] int64)``.
+
+    teacher ``[N, O, h, w]`` logits, upsampled bilinearly to the labels' ``[H, W]``; labels
+    ``[N, H, W]`` int64; thresholds ``[O]``. A pixel with label < O is eligible and becomes the
+    teacher's first argmax class c* where ``normalized_entropy < thresholds[c*]``, else
+    ``ignore_index``; other pixels keep their label. The counts are per image.
+    """
+    t = teacher
+    if tuple(t.shape[-2:]) != tuple(labels.shape[-2:]):
+        t = F.interpolate(t, size=tuple(labels.shape[-2:]), mode="bilinear", align_corners=False)
+    ent = normalized_entropy(t)
+    pred = t.max(dim=1).indices  # the first largest, NaN the largest, as argmax
+    accepted = ent < thresholds.to(device=ent.device, dtype=ent.dtype)[pred]
+    eligible = labels < t.shape[1]
+    targets = torch.where(eligible, torch.where(accepted, pred, torch.full_like(pred, ignore_index)), labels)
+    return targets, (eligible & accepted).sum(dim=(1, 2)), eligible.sum(dim=(1, 2))

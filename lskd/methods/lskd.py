@@ -213,7 +213,7 @@ class LSKD(PseudoLabelStatistics, Method):
         self.scales = tuple(scales)
         self.logits_channel_mask = logits_channel_mask
         self.fused_teacher = fused_teacher
-        self.labeler = EntropyPseudoLabeler(bins, min_threshold, ignore_index, pseudo_threshold)
+        self.labeler = EntropyPseudoLabeler(bins, min_threshold, ignore_index, pseudo_threshold, backend)
         self.ignore_index = ignore_index
         self.backend = backend
 

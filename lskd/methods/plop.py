@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import ops
+from .. import ops, reference
 from ..models.deeplab import SegOutput
 from .base import (
     IGNORE_INDEX,
@@ -79,13 +79,8 @@ PSEUDO_THRESHOLDS: Dict[str, int] = {"median": 1000, "released": 100}
 
 def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
     """``[N, C, H, W]`` logits -> ``[N, H, W]`` Shannon entropy of the softmax / log(C), in [0, 1]
-    (0 when C == 1)."""
-    x = to_acc(logits)
-    c = x.shape[1]
-    if c == 1:
-        return torch.zeros_like(x[:, 0])
-    logp = torch.log_softmax(x, dim=1)
-    return -(logp.exp() * logp).sum(dim=1) / math.log(c)
+    (0 when C == 1), in float32 (float64 for float64 logits): :func:`lskd.reference.normalized_entropy`."""
+    return reference.normalized_entropy(to_acc(logits))
 
 
 def histogram_median(hist: torch.Tensor) -> torch.Tensor:
@@ -155,6 +150,7 @@ def pseudo_label(
     thresholds: torch.Tensor,
     old_classes: int,
     ignore_index: int = IGNORE_INDEX,
+    backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """PLOP's entropy pseudo-labels and per-image adaptive factor.
 
@@ -163,13 +159,14 @@ def pseudo_label(
         teacher_logits: ``[N, O, h, w]`` (upsampled bilinearly to ``[H, W]`` if needed).
         thresholds: ``[O]`` per-class normalised-entropy thresholds.
         old_classes: O.
+        backend: of the fused :func:`lskd.ops.pseudo_labels` ("reference": eager PyTorch).
 
     Returns:
         ``(targets [N, H, W] int64, factor [N] float32)``: background pixels -> the teacher's
         argmax where ``entropy < thresholds[argmax]``, else ``ignore_index``; other pixels
         unchanged. ``factor = #accepted background pixels / (#background pixels + 1e-6)``.
     """
-    targets, num, den = pseudo_label_counts(labels, teacher_logits, thresholds, old_classes, ignore_index)
+    targets, num, den = pseudo_label_counts(labels, teacher_logits, thresholds, old_classes, ignore_index, backend)
     return targets, num.float() / (den.float() + 1e-6)
 
 
@@ -179,22 +176,18 @@ def pseudo_label_counts(
     thresholds: torch.Tensor,
     old_classes: int,
     ignore_index: int = IGNORE_INDEX,
+    backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`pseudo_label`'s targets and counts: ``(targets [N, H, W], accepted [N], eligible [N])``,
     the counts int64: per image, the background pixels (label < O, eligible for pseudo-labels)
-    whose pseudo-label was accepted, and all of them."""
-    t = upsample_logits(teacher_logits.detach(), labels.shape[-2:])
-    if t.shape[1] != old_classes or thresholds.numel() != old_classes:
+    whose pseudo-label was accepted, and all of them. The fused :func:`lskd.ops.pseudo_labels`
+    (upsampling, entropy, argmax and threshold per pixel) on ``backend``."""
+    if teacher_logits.shape[1] != old_classes or thresholds.numel() != old_classes:
         raise ValueError(
-            f"pseudo_label: teacher has {t.shape[1]} channels and {thresholds.numel()} thresholds, "
+            f"pseudo_label: teacher has {teacher_logits.shape[1]} channels and {thresholds.numel()} thresholds, "
             f"expected O = {old_classes}"
         )
-    ent = normalized_entropy(t)
-    pred = class_argmax(t)
-    accepted = ent < thresholds.to(device=ent.device, dtype=ent.dtype)[pred]
-    background = labels < old_classes
-    targets = torch.where(background, torch.where(accepted, pred, torch.full_like(pred, ignore_index)), labels)
-    return targets, (background & accepted).sum(dim=(1, 2)), background.sum(dim=(1, 2))
+    return tuple(ops.pseudo_labels(teacher_logits, labels, thresholds, ignore_index, backend=backend))
 
 
 class EntropyPseudoLabeler:
@@ -205,6 +198,7 @@ class EntropyPseudoLabeler:
         min_threshold: floor of the thresholds (PLOP's 0.001).
         pseudo_threshold: ``"median"`` (exact per-class median, default) or ``"released"``
             (:func:`released_histogram_threshold`, the released code's value).
+        backend: of the per-batch pseudo-labels (:func:`lskd.ops.pseudo_labels`).
 
     Every call also adds to per-step sums kept on the labels' device (:meth:`statistics`,
     cleared by :meth:`reset_statistics`).
@@ -216,6 +210,7 @@ class EntropyPseudoLabeler:
         min_threshold: float = 0.001,
         ignore_index: int = IGNORE_INDEX,
         pseudo_threshold: str = "median",
+        backend: str = "auto",
     ) -> None:
         if pseudo_threshold not in PSEUDO_THRESHOLDS:
             raise ValueError(f"pseudo_threshold must be one of {tuple(PSEUDO_THRESHOLDS)}, got {pseudo_threshold!r}")
@@ -223,6 +218,7 @@ class EntropyPseudoLabeler:
         self.bins = int(bins) if bins is not None else PSEUDO_THRESHOLDS[pseudo_threshold]
         self.min_threshold = min_threshold
         self.ignore_index = ignore_index
+        self.backend = backend
         self.thresholds: Optional[torch.Tensor] = None  # [O]
         self.histogram: Optional[torch.Tensor] = None  # [O, bins] int64 (for inspection)
         self.reset_statistics()
@@ -268,7 +264,9 @@ class EntropyPseudoLabeler:
         to the per-step statistics."""
         if self.thresholds is None:
             raise RuntimeError("pseudo-labels need prepare_step(teacher, batches, ctx) first (entropy thresholds)")
-        targets, num, den = pseudo_label_counts(labels, teacher_logits, self.thresholds, old_classes, self.ignore_index)
+        targets, num, den = pseudo_label_counts(
+            labels, teacher_logits, self.thresholds, old_classes, self.ignore_index, self.backend
+        )
         factor = num.float() / (den.float() + 1e-6)
         self._record(num, den, factor)
         return targets, factor
@@ -376,7 +374,7 @@ class PLOP(PseudoLabelStatistics, Method):
         self.pod_schedule = pod_schedule
         self.average_over_maps = average_over_maps
         self.scales = tuple(scales)
-        self.labeler = EntropyPseudoLabeler(bins, min_threshold, ignore_index, pseudo_threshold)
+        self.labeler = EntropyPseudoLabeler(bins, min_threshold, ignore_index, pseudo_threshold, backend)
         self.ignore_index = ignore_index
         self.backend = backend
 

@@ -32,6 +32,7 @@ AUTO_ORDER: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "md_masks": {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
     "distill_terms": {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
     "ce_unkd": {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
+    "pseudo_labels": {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
 }
 
 _TRITON_HOOKS: List[Callable[[], None]] = []
