@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from cuda_emu import build as emu_build
 from helpers import (
     DTYPES,
@@ -46,9 +47,13 @@ from helpers import (
 )
 from test_ce_unkd import check_raw_op as check_ce_unkd_raw
 from test_ce_unkd import random_inputs as ce_unkd_inputs
+from test_pseudo_labels import IGNORE
+from test_pseudo_labels import check_op as check_pseudo_labels_op
+from test_pseudo_labels import random_inputs as pseudo_labels_inputs
 
 import lskd
 from lskd import reference
+from lskd._dtypes import acc_dtype
 from lskd._validation import check_pair, reduction_code
 from lskd.ops.distill_terms import _prepared
 from lskd.ops.pod_distill import op_params as pod_params
@@ -383,3 +388,96 @@ def test_gradcheck(emu, op):
     else:
         spec, params = _emu_sop(emu), dict(groups=2, window=3, stride=2)
     assert torch.autograd.gradcheck(lambda x: spec.call("cuda", x, t, sm, cm, "none", **params), (s,))
+
+
+# --------------------------------------------------------------------------- pseudo_labels
+
+
+def _emu_pseudo_labels(emu):
+    """The raw emulated op with acc-dtype thresholds (as check_op passes the wrapper's)."""
+    return lambda t, y, thr: emu.pseudo_labels(t, y, thr.to(acc_dtype(t.dtype)), IGNORE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pseudo_labels_random_cases(emu, dtype, layout, seed):
+    """The CUDA kernel of pseudo_labels (one thread per output pixel, integer block sums and
+    atomics) against the reference: upsampling, identity and downsampling, O up to 40, eligible,
+    new-class and ignored labels, any teacher strides."""
+    rng = random.Random(seed)
+    check_pseudo_labels_op(_emu_pseudo_labels(emu), *pseudo_labels_inputs(rng, dtype, layout, small=False))
+
+
+def test_pseudo_labels_many_classes(emu, seed):
+    """O = 151 (ADE20K): each thread's two passes over the classes; images of several blocks."""
+    rng = random.Random(seed)
+    for layout in ("channels_last", "strided"):
+        teacher, labels, thresholds = pseudo_labels_inputs(rng, torch.float32, layout, small=True, o=151)
+        check_pseudo_labels_op(_emu_pseudo_labels(emu), teacher, labels, thresholds)
+    teacher = torch.randn(2, 151, 5, 7)
+    labels = torch.randint(0, 160, (2, 19, 23))  # 437 pixels: two blocks per image
+    check_pseudo_labels_op(_emu_pseudo_labels(emu), teacher, labels, torch.rand(151))
+
+
+def test_pseudo_labels_nan_ties_and_one_class(emu):
+    """Exact ties give the first class; a NaN logit is never accepted and rejects only the pixels
+    that weigh it; O = 1 has entropy 0; non-eligible pixels keep their label; N = 0."""
+    op = _emu_pseudo_labels(emu)
+    t = torch.zeros(1, 4, 2, 2)
+    t[0, :, 0, 0] = torch.tensor([1.0, 5.0, 5.0, 5.0])  # a three-way tie: class 1
+    t[0, :, 0, 1] = torch.tensor([1.0, float("nan"), 9.0, float("nan")])  # rejected, not its neighbours
+    t[0, :, 1, 1] = torch.tensor([2.0, 7.0, 7.0, -1.0])
+    labels = torch.tensor([[[0, 3], [4, 1]]])  # the pixel (1, 0) has a new class: kept
+    got = op(t, labels, torch.ones(4))
+    assert got[0].tolist() == [[[1, IGNORE], [4, 1]]] and got[1].tolist() == [2] and got[2].tolist() == [3]
+    # thresholds of the tied classes: c* = 1, not 2 (accepted with thresholds[1] only)
+    got = op(t[..., 1:, 1:], labels[..., 1:, 1:], torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    assert got[0].tolist() == [[[1]]] and got[1].tolist() == [1]
+    got = op(t[..., 1:, 1:], labels[..., 1:, 1:], torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    assert got[0].tolist() == [[[IGNORE]]] and got[1].tolist() == [0]
+    # a NaN anywhere (first, after a larger logit, last) is never accepted, whatever the threshold
+    for c in range(4):
+        nan = torch.tensor([3.0, 8.0, -2.0, 1.0]).view(1, 4, 1, 1)
+        nan[0, c] = float("nan")
+        got = op(nan, torch.zeros(1, 1, 1, dtype=torch.int64), torch.full((4,), float("inf")))
+        assert got[0].tolist() == [[[IGNORE]]] and got[1].tolist() == [0] and got[2].tolist() == [1]
+    # a NaN source logit rejects exactly the pixels that weigh it (weight > 0; one of weight 0 is
+    # not read): the labels of a finite teacher (all accepted) elsewhere
+    for size in ((3, 7), (6, 4), (5, 9), (3, 4), (2, 3), (7, 1)):
+        t = torch.randn(1, 3, 3, 4)
+        labels = torch.zeros(1, *size, dtype=torch.int64)
+        finite = op(t, labels, torch.full((3,), 2.0))[0]
+        assert (finite != IGNORE).all()
+        for i, j in ((1, 2), (0, 0), (2, 3), (1, 1)):
+            nan = t.clone()
+            nan[0, 1, i, j] = float("nan")
+            one = torch.zeros(1, 1, 3, 4, dtype=torch.float64)
+            one[0, 0, i, j] = 1.0
+            weighs = F.interpolate(one, size=size, mode="bilinear", align_corners=False)[:, 0] > 0
+            got = op(nan, labels, torch.full((3,), 2.0))
+            assert torch.equal(got[0], torch.where(weighs, IGNORE, finite)), (size, i, j)
+            assert got[1].tolist() == [labels.numel() - int(weighs.sum())]
+    one = op(torch.randn(2, 1, 3, 3), torch.zeros(2, 5, 5, dtype=torch.int64), torch.tensor([0.5]))
+    assert (one[0] == 0).all() and one[1].tolist() == [25, 25] and one[2].tolist() == [25, 25]
+    zero = op(torch.randn(2, 1, 3, 3), torch.tensor([0, 1, 2, 7]).repeat(2, 5, 1), torch.tensor([0.0]))
+    assert (zero[0][..., 0] == IGNORE).all() and (zero[0][..., 1:] == torch.tensor([1, 2, 7])).all()
+    assert zero[1].tolist() == [0, 0] and zero[2].tolist() == [5, 5]
+    empty = op(torch.randn(0, 3, 2, 2), torch.zeros(0, 4, 4, dtype=torch.int64), torch.ones(3))
+    assert empty[0].shape == (0, 4, 4) and empty[1].shape == (0,) and empty[2].shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=dtype_id)
+def test_pseudo_labels_non_contiguous_teacher(emu, dtype, seed):
+    """A sliced view of a larger permuted buffer (no dense layout, batch stride 1, W the outermost):
+    the kernel reads it with its four strides and gives the labels of its contiguous copy."""
+    rng = random.Random(seed)
+    teacher, labels, thresholds = pseudo_labels_inputs(rng, dtype, "contiguous", small=False, o=9)
+    n, o, h, w = teacher.shape
+    big = torch.randn(w + 3, 2 * o + 1, h + 2, n + 1, dtype=dtype).permute(3, 1, 2, 0)  # [n+1, 2o+1, h+2, w+3]
+    view = big[1:, 1::2, 2:, :w]
+    view.copy_(teacher)
+    assert not view.is_contiguous() and not view.is_contiguous(memory_format=torch.channels_last)
+    op = _emu_pseudo_labels(emu)
+    check_pseudo_labels_op(op, view, labels, thresholds)
+    for a, b in zip(op(view, labels, thresholds), op(teacher, labels, thresholds)):
+        assert torch.equal(a, b)

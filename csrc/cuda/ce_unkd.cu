@@ -29,18 +29,6 @@ namespace lskd {
 namespace cuda {
 namespace {
 
-__device__ __forceinline__ float exp_acc(float x) {
-  return expf(x);
-}
-__device__ __forceinline__ double exp_acc(double x) {
-  return exp(x);
-}
-__device__ __forceinline__ float log_acc(float x) {
-  return logf(x);
-}
-__device__ __forceinline__ double log_acc(double x) {
-  return log(x);
-}
 __device__ __forceinline__ float nan_acc(float) {
   return __uint_as_float(0x7fc00000u);
 }
@@ -54,29 +42,6 @@ struct CeUnkdGeom {
   int M;      // the CE's merged classes [0, M): 1 (plain CE), > 1 only without a teacher
   int tiles;  // blocks per image
   int64_t ignore_index;
-};
-
-// Source index pair and weights of output index o along an axis of `in` inputs (upsample_bilinear2d,
-// align_corners=False, scale = in / out computed on the host).
-template <typename acc>
-__device__ __forceinline__ void source_index(int o, int in, acc scale, int& i0, int& i1, acc& l0, acc& l1) {
-  acc src = scale * (static_cast<acc>(o) + acc(0.5)) - acc(0.5);
-  if (src < acc(0)) src = acc(0);
-  i0 = min(static_cast<int>(src), in - 1);
-  i1 = i0 + (i0 < in - 1 ? 1 : 0);
-  l1 = src - static_cast<acc>(i0);
-  l0 = acc(1) - l1;
-}
-
-// The four neighbours of a pixel in one tensor (element offsets) and the interpolation weights.
-template <typename acc>
-struct Bilinear {
-  int64_t o00, o01, o10, o11;
-  acc l0y, l1y, l0x, l1x;
-  template <typename T>
-  __device__ __forceinline__ acc at(const T* __restrict__ p) const {
-    return l0y * (l0x * to_acc(p[o00]) + l1x * to_acc(p[o01])) + l1y * (l0x * to_acc(p[o10]) + l1x * to_acc(p[o11]));
-  }
 };
 
 // g[c plane] += adjoint of the interpolation of v (the four weighted neighbours; atomics).
@@ -107,18 +72,10 @@ __device__ __forceinline__ PixelSource<scalar_t, acc> pixel_source(const scalar_
                                                                    Strides4 st, const CeUnkdGeom& G, int64_t n, int p,
                                                                    acc scale_h, acc scale_w) {
   PixelSource<scalar_t, acc> s;
-  const int r = p / G.W, q = p - (p / G.W) * G.W;
-  source_index(r, G.h, scale_h, s.i0, s.i1, s.bx.l0y, s.bx.l1y);
-  source_index(q, G.w, scale_w, s.j0, s.j1, s.bx.l0x, s.bx.l1x);
-  s.bx.o00 = s.i0 * sx.h + s.j0 * sx.w;
-  s.bx.o01 = s.i0 * sx.h + s.j1 * sx.w;
-  s.bx.o10 = s.i1 * sx.h + s.j0 * sx.w;
-  s.bx.o11 = s.i1 * sx.h + s.j1 * sx.w;
+  bilinear_source(p, G.W, G.h, G.w, scale_h, scale_w, s.i0, s.i1, s.j0, s.j1, s.bx);
+  s.bx.set_offsets(s.i0, s.i1, s.j0, s.j1, sx.h, sx.w);
   s.bt = s.bx;
-  s.bt.o00 = s.i0 * st.h + s.j0 * st.w;
-  s.bt.o01 = s.i0 * st.h + s.j1 * st.w;
-  s.bt.o10 = s.i1 * st.h + s.j0 * st.w;
-  s.bt.o11 = s.i1 * st.h + s.j1 * st.w;
+  s.bt.set_offsets(s.i0, s.i1, s.j0, s.j1, st.h, st.w);
   s.xn = x + n * sx.n;
   s.tn = t != nullptr ? t + n * st.n : nullptr;
   s.xc = sx.c;

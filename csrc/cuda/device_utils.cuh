@@ -81,6 +81,67 @@ __device__ __forceinline__ T safe_ratio(T g, T d) {
   return d == T(0) ? T(0) : g / d;
 }
 
+// exp and log in the accumulation type (expf / logf for float).
+__device__ __forceinline__ float exp_acc(float x) {
+  return expf(x);
+}
+__device__ __forceinline__ double exp_acc(double x) {
+  return exp(x);
+}
+__device__ __forceinline__ float log_acc(float x) {
+  return logf(x);
+}
+__device__ __forceinline__ double log_acc(double x) {
+  return log(x);
+}
+
+// ---------------------------------------------------------------------------
+// Bilinear upsampling at one output pixel (torch's upsample_bilinear2d, align_corners=False, with
+// an output size): the kernels that read logits at a higher resolution (ce_unkd, pseudo_labels)
+// interpolate them from the four low-resolution neighbours instead of storing the upsampled map.
+
+// Source index pair and weights of output index o along an axis of `in` inputs (upsample_bilinear2d,
+// align_corners=False, scale = in / out computed on the host).
+template <typename acc>
+__device__ __forceinline__ void source_index(int o, int in, acc scale, int& i0, int& i1, acc& l0, acc& l1) {
+  acc src = scale * (static_cast<acc>(o) + acc(0.5)) - acc(0.5);
+  if (src < acc(0)) src = acc(0);
+  i0 = min(static_cast<int>(src), in - 1);
+  l1 = src - static_cast<acc>(i0);
+  l0 = acc(1) - l1;
+  // a neighbour of weight 0 is not read: 0 * NaN would leak one pixel's NaN (or inf) into the next
+  i1 = i0 + (i0 < in - 1 && l1 != acc(0) ? 1 : 0);
+}
+
+// The four neighbours of a pixel in one tensor (element offsets) and the interpolation weights.
+template <typename acc>
+struct Bilinear {
+  int64_t o00, o01, o10, o11;
+  acc l0y, l1y, l0x, l1x;
+  // The offsets of rows i0, i1 and columns j0, j1 in a plane of row stride sh and column stride sw.
+  __device__ __forceinline__ void set_offsets(int i0, int i1, int j0, int j1, int64_t sh, int64_t sw) {
+    o00 = i0 * sh + j0 * sw;
+    o01 = i0 * sh + j1 * sw;
+    o10 = i1 * sh + j0 * sw;
+    o11 = i1 * sh + j1 * sw;
+  }
+  template <typename T>
+  __device__ __forceinline__ acc at(const T* __restrict__ p) const {
+    return l0y * (l0x * to_acc(p[o00]) + l1x * to_acc(p[o01])) + l1y * (l0x * to_acc(p[o10]) + l1x * to_acc(p[o11]));
+  }
+};
+
+// Output pixel p (flat) of a map of W columns upsampled from an [h, w] one (scale_h = h / H,
+// scale_w = w / W): the rows i0, i1 and columns j0, j1 of its four neighbours and the weights in b
+// (b's offsets are left to set_offsets: they depend on the tensor's strides).
+template <typename acc>
+__device__ __forceinline__ void bilinear_source(int p, int W, int h, int w, acc scale_h, acc scale_w, int& i0, int& i1,
+                                                int& j0, int& j1, Bilinear<acc>& b) {
+  const int r = p / W, q = p - (p / W) * W;
+  source_index(r, h, scale_h, i0, i1, b.l0y, b.l1y);
+  source_index(q, w, scale_w, j0, j1, b.l0x, b.l1x);
+}
+
 // ---------------------------------------------------------------------------
 // Walking a plane of W columns in steps of `step` flat elements without a
 // division per step: (r, q) is the row and column of the current element.
