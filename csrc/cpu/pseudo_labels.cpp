@@ -3,11 +3,12 @@
 // resolution but the targets.
 //
 // Work unit: one output row of one image. A row without an eligible pixel (label < O) only copies
-// its labels. Otherwise its two low-resolution source rows are interpolated along the columns to
-// the output width ([O][2][W]) and blended into the row's logits T [O][W], channel-major so that
-// the loops over the pixels vectorise: the first argmax (NaN the largest), the sums of exp(t - m)
-// and exp(t - m) (t - m), the normalised entropy and the threshold test. Per-row counts are
-// summed per image afterwards (integers: exact in any order).
+// its labels. Otherwise its two low-resolution source rows, interpolated along the columns to the
+// output width ([O][W] each, kept for the thread's next rows, which mostly share them), are
+// blended into the row's logits T [O][W], channel-major so that the loops over the pixels
+// vectorise: the first argmax (NaN the largest), the sums of exp(t - m) and exp(t - m) (t - m),
+// the normalised entropy; then the threshold test per pixel. Per-row counts are summed per image
+// afterwards (integers: exact in any order). With O = 1 the teacher is not read (entropy 0).
 #include "bilinear.h"
 #include "cpu_utils.h"
 #include "pseudo_labels.h"
@@ -57,27 +58,51 @@ struct Problem {
   }
 };
 
-// A thread's scratch, reused by its rows.
+// A thread's scratch, reused by its rows. The column-interpolated source rows ([O][W] each) are
+// kept for the next output rows: a thread takes consecutive rows, which share source rows.
 template <typename acc>
 struct Scratch {
-  std::vector<acc> cols, T, row;  // [O][2][W] column-interpolated source rows, [O][W] logits, [w]
-  std::vector<acc> m, S, D;       // per pixel: max, sum exp(t - m), sum exp(t - m) (t - m)
+  std::vector<acc> cols[2];       // two column-interpolated source rows, [O][W]
+  int64_t key[2] = {-1, -1};      // which (image, source row) each holds: n * h + i
+  int next = 0;                   // the slot to refill
+  std::vector<acc> T, row;        // [O][W] the output row's logits, [w] one low-resolution row
+  std::vector<acc> m, S, D, ent;  // per pixel: max, sum exp(t - m), sum exp(t - m) (t - m), entropy
   std::vector<int32_t> best;      // per pixel: the first argmax
 
   template <typename scalar_t>
   explicit Scratch(const Problem<scalar_t>& P)
-      : cols(P.O * 2 * P.W), T(P.O * P.W), row(P.w), m(P.W), S(P.W), D(P.W), best(P.W) {}
+      : cols{std::vector<acc>(P.O * P.W), std::vector<acc>(P.O * P.W)},
+        T(P.O * P.W),
+        row(P.w),
+        m(P.W),
+        S(P.W),
+        D(P.W),
+        ent(P.W),
+        best(P.W) {}
 };
+
+// Source row i of image n interpolated along the columns, [O][W] (from the cache when it holds it).
+template <typename scalar_t, typename acc>
+const acc* source_row(const Problem<scalar_t>& P, int64_t n, int64_t i, Scratch<acc>& s) {
+  const int64_t key = n * P.h + i;
+  for (int k = 0; k < 2; ++k)
+    if (s.key[k] == key) return s.cols[k].data();
+  const int k = s.next;
+  s.next = 1 - k;
+  s.key[k] = key;
+  interp_columns(P.pt + n * P.st.n, P.st, P.O, i, 1, P.w, P.ax, P.W, s.row.data(), s.cols[k].data());
+  return s.cols[k].data();
+}
 
 // T[c][q] = the teacher's logits of image n upsampled at output row r (all W columns).
 template <typename scalar_t, typename acc>
 void row_logits(const Problem<scalar_t>& P, int64_t n, int64_t r, Scratch<acc>& s) {
-  const int64_t i0 = P.ay.i0[r], nr = P.ay.i1[r] - i0 + 1;
-  interp_columns(P.pt + n * P.st.n, P.st, P.O, i0, nr, P.w, P.ax, P.W, s.row.data(), s.cols.data());
+  const acc* a0 = source_row(P, n, P.ay.i0[r], s);
+  const acc* b0 = source_row(P, n, P.ay.i1[r], s);  // the same row when its weight is 0
   const acc l0 = P.ay.l0[r], l1 = P.ay.l1[r];
   for (int64_t c = 0; c < P.O; ++c) {
-    const acc* __restrict a = s.cols.data() + c * nr * P.W;
-    const acc* __restrict b = a + (nr - 1) * P.W;
+    const acc* __restrict a = a0 + c * P.W;
+    const acc* __restrict b = b0 + c * P.W;
     acc* __restrict t = s.T.data() + c * P.W;
     LSKD_SIMD
     for (int64_t q = 0; q < P.W; ++q) t[q] = l0 * a[q] + l1 * b[q];
@@ -85,9 +110,10 @@ void row_logits(const Problem<scalar_t>& P, int64_t n, int64_t r, Scratch<acc>& 
 }
 
 // m, best: the largest logit and its first class (a NaN wins over numbers, the first NaN over
-// later ones, as torch.max); S, D: the sums of exp(t - m) and exp(t - m) (t - m).
+// later ones, as torch.max); S, D: the sums of exp(t - m) and exp(t - m) (t - m); ent: the
+// normalised entropy.
 template <typename scalar_t, typename acc>
-void row_softmax_sums(const Problem<scalar_t>& P, Scratch<acc>& s) {
+void row_entropy(const Problem<scalar_t>& P, Scratch<acc>& s) {
   const int64_t W = P.W;
   acc* __restrict vm = s.m.data();
   int32_t* __restrict vb = s.best.data();
@@ -96,8 +122,10 @@ void row_softmax_sums(const Problem<scalar_t>& P, Scratch<acc>& s) {
   for (int64_t c = 1; c < P.O; ++c) {
     const acc* __restrict t = s.T.data() + c * W;
     const int32_t ci = static_cast<int32_t>(c);
+    LSKD_SIMD
     for (int64_t q = 0; q < W; ++q) {
-      const bool take = t[q] > vm[q] || (t[q] != t[q] && vm[q] == vm[q]);
+      // bitwise, not short-circuit: a branch would keep the loop scalar
+      const bool take = (t[q] > vm[q]) | ((t[q] != t[q]) & (vm[q] == vm[q]));
       vm[q] = select(take, t[q], vm[q]);
       vb[q] = take ? ci : vb[q];
     }
@@ -116,6 +144,10 @@ void row_softmax_sums(const Problem<scalar_t>& P, Scratch<acc>& s) {
       vD[q] += e * d;
     }
   }
+  acc* __restrict ve = s.ent.data();
+  const acc k = P.inv_log_o;
+  LSKD_SIMD
+  for (int64_t q = 0; q < W; ++q) ve[q] = (log_acc(vS[q]) - vD[q] / vS[q]) * k;
 }
 
 // Output row r of image n: its targets; returns {accepted, eligible} of the row.
@@ -130,17 +162,18 @@ std::pair<int64_t, int64_t> label_row(const Problem<scalar_t>& P, int64_t n, int
     std::copy(lab, lab + P.W, out);
     return {0, 0};
   }
-  row_logits(P, n, r, s);
-  row_softmax_sums(P, s);
   int64_t accepted = 0;
+  if (P.O > 1) {
+    row_logits(P, n, r, s);
+    row_entropy(P, s);
+  }
   for (int64_t q = 0; q < P.W; ++q) {
     if (lab[q] >= P.O) {
       out[q] = lab[q];
       continue;
     }
-    const acc entropy = (log_acc(s.S[q]) - s.D[q] / s.S[q]) * P.inv_log_o;
-    const int32_t c = s.best[q];
-    const bool ok = P.O == 1 ? acc(0) < P.thresholds[0] : entropy < P.thresholds[c];  // false for NaN
+    const int32_t c = P.O > 1 ? s.best[q] : 0;
+    const bool ok = P.O == 1 ? acc(0) < P.thresholds[0] : s.ent[q] < P.thresholds[c];  // false for NaN
     out[q] = ok ? c : P.ignore_index;
     accepted += ok;
   }
