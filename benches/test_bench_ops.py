@@ -260,8 +260,8 @@ def test_pseudo_labels(benchmark, device_info, backend, dtype):
     labels[:, : size // 8] = 255
     labels, thresholds = labels.to(DEV), torch.rand(o, generator=g).to(DEV)
 
-    def ref():
-        reference.pseudo_labels(teacher, labels, thresholds.to(dtype))
+    def ref():  # returns the outputs: unused ones would be dead code to torch.compile
+        return reference.pseudo_labels(teacher, labels, thresholds.to(dtype))
 
     fn = _loss_fn(ref, backend, ("pseudo_labels", dtype))
     if fn is None:

@@ -107,11 +107,13 @@ def test_random_cases(backend, case, seed):
     check_case(backend, *random_inputs(rng, dtype, layout, small=backend == "triton"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("o", [21, 151])
-def test_many_classes(backend, o, seed):
-    """VOC's and ADE20K's class counts: the kernels loop over (or block) the channels."""
+def test_many_classes(backend, o, dtype, seed):
+    """VOC's and ADE20K's class counts: the kernels loop over (or block) the channels; in float64
+    any slip in the rescaled sums across channel blocks shows beyond the near-pixel allowance."""
     rng = random.Random(seed)
-    check_case(backend, *random_inputs(rng, torch.float32, "channels_last", small=True, o=o))
+    check_case(backend, *random_inputs(rng, dtype, "channels_last", small=True, o=o))
 
 
 def test_nan_ties_and_one_class(backend):
