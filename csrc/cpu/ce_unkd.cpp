@@ -17,7 +17,8 @@
 // results are deterministic and do not depend on the thread count.
 //
 // Functions: process_unit (one work unit) -> output_row (one output row) -> block_targets,
-// block_teacher, block_student, block_exps, block_losses, block_gradients (one block of pixels);
+// block_teacher, block_student, block_exps, block_losses (block_softmax), block_gradients
+// (scatter_rows) (one block of pixels);
 // scatter_columns (per unit); reduce_losses, reduce_gradients (per image, in chunk order).
 #include "bilinear.h"
 #include "ce_unkd.h"
@@ -177,7 +178,7 @@ struct Scratch {
   std::vector<acc> zc, tc, gr_ce, gr_un, row;
   std::vector<acc> Z, T;  // [channels][B]: the block's logits, then their exps
   // per pixel of the block
-  std::vector<acc> m, mb, mt, St, S, Sb, dy, tz, t1, wsel, invS, rb, ib, invSt, P0, lce, lun, gbuf, gbuf2;
+  std::vector<acc> m, mb, mt, St, S, Sb, dy, tz, t1, wsel, logS, logSb, invS, rb, ib, invSt, P0, lce, lun, gbuf, gbuf2;
   std::vector<int32_t> yv;
 
   template <typename scalar_t>
@@ -190,8 +191,8 @@ struct Scratch {
     row.resize(P.w);
     Z.resize(P.K * B);
     T.resize(P.O * B);
-    for (std::vector<acc>* v :
-         {&m, &mb, &mt, &St, &S, &Sb, &dy, &tz, &t1, &wsel, &invS, &rb, &ib, &invSt, &P0, &lce, &lun, &gbuf, &gbuf2})
+    for (std::vector<acc>* v : {&m,     &mb,   &mt, &St, &S,     &Sb, &dy,  &tz,  &t1,   &wsel, &logS,
+                                &logSb, &invS, &rb, &ib, &invSt, &P0, &lce, &lun, &gbuf, &gbuf2})
       v->resize(B);
     yv.assign(B, -1);  // -1: no target class (stays so without targets)
   }
@@ -331,72 +332,93 @@ void block_exps(const Problem<scalar_t>& P, const Block<acc>& b, Scratch<acc>& s
   }
 }
 
-// Per pixel: the losses (added, summed over the block in a fixed order, to the chunk's sums) and
-// the gradient factors that block_gradients reads (invS, rb, ib, invSt, P0).
+// Per pixel, the softmax factors: logS = log sum_c exp(z_c - m) and invS its inverse; with a
+// merged group also rb = exp(mb - m) invS (q_c = e_c rb in the group), ib = 1 / Sb, logSb = log Sb.
 template <typename scalar_t, typename acc>
-void block_losses(const Problem<scalar_t>& P, const Block<acc>& b, Scratch<acc>& s, double& sum_ce, double& sum_un) {
+void block_softmax(const Problem<scalar_t>& P, const Block<acc>& b, Scratch<acc>& s) {
   const int64_t nb = b.nb;
-  const acc invO = P.invO;
   const acc* __restrict vm = s.m.data();
   const acc* __restrict vmb = s.mb.data();
   const acc* __restrict vS = s.S.data();
   const acc* __restrict vSb = s.Sb.data();
-  const acc* __restrict vSt = s.St.data();
-  const acc* __restrict vdy = s.dy.data();
-  const acc* __restrict vtz = s.tz.data();
-  const acc* __restrict vt1 = s.t1.data();
-  const acc* __restrict vw = s.wsel.data();
+  acc* __restrict vlogS = s.logS.data();
+  acc* __restrict vlogSb = s.logSb.data();
   acc* __restrict vinvS = s.invS.data();
   acc* __restrict vrb = s.rb.data();
   acc* __restrict vib = s.ib.data();
-  acc* __restrict vinvSt = s.invSt.data();
-  acc* __restrict vP0 = s.P0.data();
-  acc* __restrict vlce = s.lce.data();
-  acc* __restrict vlun = s.lun.data();
-  if (P.do_un) {
-    const acc* __restrict t0 = s.T.data();
+  if (!P.grouped) {
     LSKD_SIMD
     for (int64_t i = 0; i < nb; ++i) {
-      const acc eb = exp_acc(vmb[i] - vm[i]);
-      const acc Stot = vS[i] + vSb[i] * eb;
-      const acc logS = log_acc(Stot);
-      const acc logSb = log_acc(vSb[i]);
-      vinvS[i] = acc(1) / Stot;
-      vrb[i] = eb * vinvS[i];
-      vib[i] = acc(1) / vSb[i];
+      vlogS[i] = log_acc(vS[i]);
+      vinvS[i] = acc(1) / vS[i];
+    }
+    return;
+  }
+  LSKD_SIMD
+  for (int64_t i = 0; i < nb; ++i) {
+    const acc eb = exp_acc(vmb[i] - vm[i]);
+    const acc Stot = vS[i] + vSb[i] * eb;
+    vlogS[i] = log_acc(Stot);
+    vlogSb[i] = log_acc(vSb[i]);
+    vinvS[i] = acc(1) / Stot;
+    vrb[i] = eb * vinvS[i];
+    vib[i] = acc(1) / vSb[i];
+  }
+}
+
+// Per pixel: the losses (added, summed over the block in a fixed order, to the chunk's sums) and
+// the gradient factors that block_gradients reads (block_softmax's, invSt, P0).
+template <typename scalar_t, typename acc>
+void block_losses(const Problem<scalar_t>& P, const Block<acc>& b, Scratch<acc>& s, double& sum_ce, double& sum_un) {
+  block_softmax(P, b, s);
+  const int64_t nb = b.nb;
+  const acc* __restrict vm = s.m.data();
+  const acc* __restrict vmb = s.mb.data();
+  const acc* __restrict vlogS = s.logS.data();
+  const acc* __restrict vlogSb = s.logSb.data();
+  const acc* __restrict vdy = s.dy.data();
+  if (P.do_un) {
+    const acc invO = P.invO;
+    const acc* __restrict t0 = s.T.data();
+    const acc* __restrict vSt = s.St.data();
+    const acc* __restrict vtz = s.tz.data();
+    const acc* __restrict vt1 = s.t1.data();
+    acc* __restrict vinvSt = s.invSt.data();
+    acc* __restrict vP0 = s.P0.data();
+    acc* __restrict vlun = s.lun.data();
+    LSKD_SIMD
+    for (int64_t i = 0; i < nb; ++i) {
       vinvSt[i] = acc(1) / vSt[i];
       vP0[i] = t0[i] * vinvSt[i];
       // -(1/O) (P0 (lse_bg - lse) + sum_{c=1}^{O-1} P_c (z_c - lse))
-      vlun[i] = -invO * (vP0[i] * ((vmb[i] - vm[i]) + logSb - logS) + (vtz[i] - vt1[i] * logS) * vinvSt[i]);
-      vlce[i] = vw[i] * (logS - vdy[i]);
+      vlun[i] = -invO * (vP0[i] * ((vmb[i] - vm[i]) + vlogSb[i] - vlogS[i]) + (vtz[i] - vt1[i] * vlogS[i]) * vinvSt[i]);
     }
     sum_un += static_cast<double>(block_sum(vlun, nb));
-  } else if (P.grouped) {
-    const int32_t* __restrict vy = s.yv.data();
-    LSKD_SIMD
-    for (int64_t i = 0; i < nb; ++i) {
-      const acc eb = exp_acc(vmb[i] - vm[i]);
-      const acc Stot = vS[i] + vSb[i] * eb;
-      const acc logS = log_acc(Stot);
-      vinvS[i] = acc(1) / Stot;
-      vrb[i] = eb * vinvS[i];
-      vib[i] = acc(1) / vSb[i];
-      // a merged target's z_y - m is lse_old - m = (mb - m) + log Sb
-      vlce[i] = vw[i] * (logS - select(vy[i] == kMerged, (vmb[i] - vm[i]) + log_acc(vSb[i]), vdy[i]));
-    }
+  }
+  if (!P.do_ce) return;
+  const int32_t* __restrict vy = s.yv.data();
+  const acc* __restrict vw = s.wsel.data();
+  acc* __restrict vlce = s.lce.data();
+  if (P.M > 1) {
+    LSKD_SIMD  // a merged target's z_y - m is lse_old - m = (mb - m) + log Sb
+        for (int64_t i = 0; i < nb; ++i) vlce[i] =
+            vw[i] * (vlogS[i] - select(vy[i] == kMerged, (vmb[i] - vm[i]) + vlogSb[i], vdy[i]));
   } else {
     LSKD_SIMD
-    for (int64_t i = 0; i < nb; ++i) {
-      const acc logS = log_acc(vS[i]);
-      vinvS[i] = acc(1) / vS[i];
-      vlce[i] = vw[i] * (logS - vdy[i]);
-    }
+    for (int64_t i = 0; i < nb; ++i) vlce[i] = vw[i] * (vlogS[i] - vdy[i]);
   }
-  if (P.do_ce) sum_ce += static_cast<double>(block_sum(vlce, nb));
+  sum_ce += static_cast<double>(block_sum(vlce, nb));
 }
 
-// Gradients with respect to z, scattered along the rows: gr[c][a0] += l0y g, gr[c][a1] += l1y g
-// (the column step of the adjoint is left to scatter_columns, once per chunk).
+// gr[c][a0] += l0y g, gr[c][a1] += l1y g: the row step of the interpolation's adjoint for one
+// channel of the block (the column step is left to scatter_columns, once per chunk).
+template <typename acc>
+void scatter_rows(acc* gr, int64_t c, const Block<acc>& b, int64_t W, const acc* g) {
+  axpy(gr + (c * b.nr + b.a0) * W + b.q0, g, b.l0y, b.nb);
+  axpy(gr + (c * b.nr + b.a1) * W + b.q0, g, b.l1y, b.nb);
+}
+
+// Gradients with respect to z, scattered along the rows (scatter_rows).
 template <typename scalar_t, typename acc>
 void block_gradients(const Problem<scalar_t>& P, const Block<acc>& b, Scratch<acc>& s) {
   const int64_t nb = b.nb, W = P.W;
@@ -415,18 +437,16 @@ void block_gradients(const Problem<scalar_t>& P, const Block<acc>& b, Scratch<ac
     const int32_t ci = static_cast<int32_t>(c);
     const bool bg = P.grouped && P.in_group(c);
     const acc* __restrict qf = bg ? vrb : vinvS;  // q_c = e * qf
-    if (P.g_ce && bg && !P.do_un) {
-      // a merged target's indicator is the softmax within the group, e * ib
-      LSKD_SIMD
-      for (int64_t i = 0; i < nb; ++i)
-        g[i] = vw[i] * (e[i] * vrb[i] - select(vy[i] == kMerged, e[i] * vib[i], select(vy[i] == ci, acc(1), acc(0))));
-      axpy(s.gr_ce.data() + (c * b.nr + b.a0) * W + b.q0, g, b.l0y, nb);
-      axpy(s.gr_ce.data() + (c * b.nr + b.a1) * W + b.q0, g, b.l1y, nb);
-    } else if (P.g_ce) {
-      LSKD_SIMD
-      for (int64_t i = 0; i < nb; ++i) g[i] = vw[i] * (e[i] * qf[i] - select(vy[i] == ci, acc(1), acc(0)));
-      axpy(s.gr_ce.data() + (c * b.nr + b.a0) * W + b.q0, g, b.l0y, nb);
-      axpy(s.gr_ce.data() + (c * b.nr + b.a1) * W + b.q0, g, b.l1y, nb);
+    if (P.g_ce) {
+      if (bg && P.M > 1) {  // a merged target's indicator is the softmax within the group, e * ib
+        LSKD_SIMD
+        for (int64_t i = 0; i < nb; ++i)
+          g[i] = vw[i] * (e[i] * qf[i] - select(vy[i] == kMerged, e[i] * vib[i], select(vy[i] == ci, acc(1), acc(0))));
+      } else {
+        LSKD_SIMD
+        for (int64_t i = 0; i < nb; ++i) g[i] = vw[i] * (e[i] * qf[i] - select(vy[i] == ci, acc(1), acc(0)));
+      }
+      scatter_rows(s.gr_ce.data(), c, b, W, g);
     }
     if (P.g_un) {
       if (bg) {
@@ -437,8 +457,7 @@ void block_gradients(const Problem<scalar_t>& P, const Block<acc>& b, Scratch<ac
         LSKD_SIMD
         for (int64_t i = 0; i < nb; ++i) g2[i] = invO * (e[i] * vinvS[i] - t[i] * vinvSt[i]);
       }
-      axpy(s.gr_un.data() + (c * b.nr + b.a0) * W + b.q0, g2, b.l0y, nb);
-      axpy(s.gr_un.data() + (c * b.nr + b.a1) * W + b.q0, g2, b.l1y, nb);
+      scatter_rows(s.gr_un.data(), c, b, W, g2);
     }
   }
 }
