@@ -167,7 +167,12 @@ def pseudo_label(
         unchanged. ``factor = #accepted background pixels / (#background pixels + 1e-6)``.
     """
     targets, num, den = pseudo_label_counts(labels, teacher_logits, thresholds, old_classes, ignore_index, backend)
-    return targets, num.float() / (den.float() + 1e-6)
+    return targets, adaptive_factor(num, den)
+
+
+def adaptive_factor(accepted: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """PLOP's per-image factor ``accepted / (eligible + 1e-6)`` of the pixel counts ``[N]`` (float32)."""
+    return accepted.float() / (eligible.float() + 1e-6)
 
 
 def pseudo_label_counts(
@@ -267,7 +272,7 @@ class EntropyPseudoLabeler:
         targets, num, den = pseudo_label_counts(
             labels, teacher_logits, self.thresholds, old_classes, self.ignore_index, self.backend
         )
-        factor = num.float() / (den.float() + 1e-6)
+        factor = adaptive_factor(num, den)
         self._record(num, den, factor)
         return targets, factor
 
